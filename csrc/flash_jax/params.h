@@ -1,0 +1,93 @@
+// The only contract between host code (FFI handlers) and the kernels: plain pointers, element
+// strides (int64), sizes, flags and scales. No JAX, XLA or pybind types may appear here.
+//
+// Layout of q/k/v/out/dout/dq/dk/dv: [batch, seq, heads, head_dim] with arbitrary batch/row/head
+// strides (in elements) and a unit stride along head_dim. lse and dlse: float32 [batch, heads,
+// seqlen_q], contiguous.
+#pragma once
+
+#include <cstdint>
+
+namespace flash_jax {
+
+enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1 };
+
+// Head-dim buckets with instantiated kernels; head_dim is padded up to the next bucket.
+constexpr int kHeadDimBuckets[] = {32, 64, 96, 128, 192, 256};
+
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+
+  int batch;
+  int seqlen_q;
+  int seqlen_k;
+  int heads;           // query heads
+  int kv_heads;        // heads % kv_heads == 0; query head h reads kv head h / (heads / kv_heads)
+  int head_dim;        // actual head dim, <= 256
+  int head_dim_padded; // the bucket from kHeadDimBuckets the kernel is instantiated for
+  DType dtype;
+
+  float softmax_scale;       // applied to q.k
+  float softmax_scale_log2;  // softmax_scale * log2(e), for exp2-based softmax
+
+  // Causal masking. causal_top_left == false: bottom-right alignment, query i sees keys
+  // j <= i + seqlen_k - seqlen_q (FlashAttention-2 convention). true: j <= i (jax.nn).
+  bool causal;
+  bool causal_top_left;
+  // Sliding window around the (causally aligned) diagonal; -1 = unbounded on that side.
+  int window_left;
+  int window_right;
+  // 0 disables; else scores s -> softcap * tanh(s / softcap) before masking.
+  float softcap;
+};
+
+struct FwdParams : AttentionParams {
+  void* out;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  float* lse;  // [batch, heads, seqlen_q]
+
+  // Split-KV (decoding shapes): when num_splits > 1 each split writes partial results here and a
+  // combine kernel merges them by lse into out/lse. Both buffers come from the caller (extra FFI
+  // outputs), sized for num_splits:
+  //   out_accum float [num_splits, batch, heads, seqlen_q, head_dim_padded]
+  //   lse_accum float [num_splits, batch, heads, seqlen_q]
+  int num_splits;
+  float* out_accum;
+  float* lse_accum;
+};
+
+struct BwdParams : AttentionParams {
+  const void* out;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  const void* dout;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  const float* lse;   // [batch, heads, seqlen_q], from the forward
+  const float* dlse;  // [batch, heads, seqlen_q] cotangent of lse, or nullptr when zero
+
+  // Gradients. dk/dv always have `heads` (query) heads: for GQA/MQA the caller passes buffers of
+  // shape [batch, seqlen_k, heads, head_dim] and reduces each group afterwards.
+  void* dq;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  void* dk;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  void* dv;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+
+  // Workspace from the caller (extra FFI outputs), seqlen_q_padded = round_up(seqlen_q, 128):
+  //   dq_accum  float [batch, heads, seqlen_q_padded, head_dim_padded]  (zeroed by the kernels)
+  //   softmax_d float [batch, heads, seqlen_q_padded]                   (rowsum(dout * out) - dlse)
+  float* dq_accum;
+  float* softmax_d;
+
+  // true: dq accumulation in a fixed order, bitwise reproducible run to run.
+  bool deterministic;
+};
+
+constexpr int kBwdSeqlenQPadMultiple = 128;
+
+}  // namespace flash_jax
