@@ -1,0 +1,59 @@
+// The one place that maps run-time dtype and head-dim bucket to an instantiated launcher.
+#include <cutlass/numeric_types.h>
+
+#include "flash_jax/api.h"
+#include "flash_jax/launch.h"
+
+namespace flash_jax {
+namespace {
+
+template <typename Params, typename Launch>
+std::string dispatch(const Params& params, cudaStream_t stream, const char* direction) {
+  auto by_head_dim = [&](auto element) -> std::string {
+    using Element = decltype(element);
+    switch (params.head_dim_padded) {
+      case 32: return Launch::template run<Element, 32>(params, stream);
+      case 64: return Launch::template run<Element, 64>(params, stream);
+      case 96: return Launch::template run<Element, 96>(params, stream);
+      case 128: return Launch::template run<Element, 128>(params, stream);
+      case 192: return Launch::template run<Element, 192>(params, stream);
+      case 256: return Launch::template run<Element, 256>(params, stream);
+      default:
+        return std::string("flash_jax ") + direction + ": no kernel for head_dim_padded=" +
+               std::to_string(params.head_dim_padded) + " (buckets 32, 64, 96, 128, 192, 256)";
+    }
+  };
+  switch (params.dtype) {
+    case DType::kFloat16: return by_head_dim(cutlass::half_t{});
+    case DType::kBFloat16: return by_head_dim(cutlass::bfloat16_t{});
+    default:
+      return std::string("flash_jax ") + direction + ": unsupported dtype code " +
+             std::to_string(static_cast<int>(params.dtype));
+  }
+}
+
+struct LaunchFwd {
+  template <typename Element, int kHeadDim>
+  static std::string run(const FwdParams& params, cudaStream_t stream) {
+    return launch_fwd<Element, kHeadDim>(params, stream);
+  }
+};
+
+struct LaunchBwd {
+  template <typename Element, int kHeadDim>
+  static std::string run(const BwdParams& params, cudaStream_t stream) {
+    return launch_bwd<Element, kHeadDim>(params, stream);
+  }
+};
+
+}  // namespace
+
+std::string run_fwd(const FwdParams& params, cudaStream_t stream) {
+  return dispatch<FwdParams, LaunchFwd>(params, stream, "forward");
+}
+
+std::string run_bwd(const BwdParams& params, cudaStream_t stream) {
+  return dispatch<BwdParams, LaunchBwd>(params, stream, "backward");
+}
+
+}  // namespace flash_jax
