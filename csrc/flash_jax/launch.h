@@ -1,0 +1,21 @@
+// Launchers of the instantiated kernels, one specialisation per (Element, head-dim bucket).
+// Declared here for dispatch.cu; defined in flash_jax/sm80/{fwd,bwd}_launch.cuh and explicitly
+// instantiated in csrc/instantiations/*.cu. Element is cutlass::half_t or cutlass::bfloat16_t.
+// Each returns "" on success, else a message; none synchronises, allocates or aborts.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "flash_jax/params.h"
+
+namespace flash_jax {
+
+template <typename Element, int kHeadDim>
+std::string launch_fwd(const FwdParams& params, cudaStream_t stream);
+
+template <typename Element, int kHeadDim>
+std::string launch_bwd(const BwdParams& params, cudaStream_t stream);
+
+}  // namespace flash_jax
