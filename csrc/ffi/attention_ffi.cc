@@ -1,0 +1,326 @@
+// XLA FFI handlers: decode the buffers and attributes XLA hands over, fill the kernel parameters
+// (flash_jax/params.h) and call the kernels library. Every problem is returned as an ffi::Error:
+// a handler never aborts, synchronises the stream or allocates device memory (workspace arrives
+// as extra outputs), which is also what makes it safe to capture in CUDA graphs.
+#include "ffi/attention_ffi.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "flash_jax/api.h"
+#include "flash_jax/params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace flash_jax {
+namespace {
+
+namespace ffi = ::xla::ffi;
+
+using Dims = std::vector<int64_t>;
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+std::string format_dims(ffi::AnyBuffer::Dimensions dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(dims[i]);
+  }
+  return text + "]";
+}
+
+std::string format_dims(const Dims& dims) {
+  return format_dims(ffi::AnyBuffer::Dimensions(dims.data(), dims.size()));
+}
+
+const char* dtype_name(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F32: return "float32";
+    default: return "an unsupported dtype";
+  }
+}
+
+// The custom call is only emitted by flash_jax/_cuda.py, which sizes every buffer; a mismatch
+// means a caller bypassed it, and must be reported rather than read out of bounds.
+ffi::Error check_buffer(const char* name, const ffi::AnyBuffer& buffer, ffi::DataType dtype,
+                        const Dims& dims) {
+  if (buffer.element_type() != dtype) {
+    return ffi::Error::InvalidArgument(std::string("flash_jax: `") + name + "` must be " +
+                                       dtype_name(dtype) + ", got " +
+                                       dtype_name(buffer.element_type()));
+  }
+  auto actual = buffer.dimensions();
+  if (actual.size() != dims.size() || !std::equal(dims.begin(), dims.end(), actual.begin())) {
+    return ffi::Error::InvalidArgument(std::string("flash_jax: `") + name + "` must have shape " +
+                                       format_dims(dims) + ", got " + format_dims(actual));
+  }
+  return ffi::Error::Success();
+}
+
+int64_t head_dim_bucket(int64_t head_dim) {
+  for (int bucket : kHeadDimBuckets) {
+    if (head_dim <= bucket) return bucket;
+  }
+  return -1;
+}
+
+int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Sets the fields shared by the forward and the backward from q, k, v and the attributes.
+ffi::Error fill_common(AttentionParams& params, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                       const ffi::AnyBuffer& v, float softmax_scale, bool causal,
+                       bool causal_top_left, int64_t window_left, int64_t window_right,
+                       float softcap) {
+  if (q.element_type() != ffi::DataType::F16 && q.element_type() != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument(std::string("flash_jax: `q` must be float16 or bfloat16, got ") +
+                                       dtype_name(q.element_type()));
+  }
+  auto q_dims = q.dimensions();
+  auto k_dims = k.dimensions();
+  if (q_dims.size() != 4 || k_dims.size() != 4) {
+    return ffi::Error::InvalidArgument(
+        "flash_jax: `q` and `k` must have rank 4 [batch, seq, heads, head_dim], got " +
+        format_dims(q_dims) + " and " + format_dims(k_dims));
+  }
+  const int64_t batch = q_dims[0], seqlen_q = q_dims[1], heads = q_dims[2], head_dim = q_dims[3];
+  const int64_t seqlen_k = k_dims[1], kv_heads = k_dims[2];
+  const Dims kv_shape = {batch, seqlen_k, kv_heads, head_dim};
+  if (auto error = check_buffer("k", k, q.element_type(), kv_shape); error.failure()) return error;
+  if (auto error = check_buffer("v", v, q.element_type(), kv_shape); error.failure()) return error;
+
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  for (int64_t size : {batch, seqlen_q, seqlen_k, heads, kv_heads}) {
+    if (size < 1 || size > kIntMax) {
+      return ffi::Error::InvalidArgument(
+          "flash_jax: every size of q " + format_dims(q_dims) + " and k " + format_dims(k_dims) +
+          " must be in [1, 2^31 - 1]");
+    }
+  }
+  if (heads % kv_heads != 0) {
+    return ffi::Error::InvalidArgument("flash_jax: query heads (" + std::to_string(heads) +
+                                       ") must be a multiple of kv heads (" +
+                                       std::to_string(kv_heads) + ")");
+  }
+  // Rows are loaded in 16-byte vectors, so head_dim comes padded to a multiple of 8 from Python.
+  const int64_t bucket = head_dim_bucket(head_dim);
+  if (head_dim < 8 || head_dim % 8 != 0 || bucket < 0) {
+    return ffi::Error::InvalidArgument("flash_jax: head_dim must be a multiple of 8 in [8, 256], got " +
+                                       std::to_string(head_dim));
+  }
+  if (window_left < -1 || window_right < -1 || window_left > kIntMax || window_right > kIntMax) {
+    return ffi::Error::InvalidArgument(
+        "flash_jax: window sizes must be -1 (unbounded) or in [0, 2^31 - 1], got (" +
+        std::to_string(window_left) + ", " + std::to_string(window_right) + ")");
+  }
+  if (!(softcap >= 0.0f)) {
+    return ffi::Error::InvalidArgument("flash_jax: softcap must be >= 0, got " +
+                                       std::to_string(softcap));
+  }
+
+  params.q = q.untyped_data();
+  params.k = k.untyped_data();
+  params.v = v.untyped_data();
+  params.q_row_stride = heads * head_dim;
+  params.q_head_stride = head_dim;
+  params.q_batch_stride = seqlen_q * params.q_row_stride;
+  params.k_row_stride = kv_heads * head_dim;
+  params.k_head_stride = head_dim;
+  params.k_batch_stride = seqlen_k * params.k_row_stride;
+  params.v_row_stride = params.k_row_stride;
+  params.v_head_stride = params.k_head_stride;
+  params.v_batch_stride = params.k_batch_stride;
+
+  params.batch = static_cast<int>(batch);
+  params.seqlen_q = static_cast<int>(seqlen_q);
+  params.seqlen_k = static_cast<int>(seqlen_k);
+  params.heads = static_cast<int>(heads);
+  params.kv_heads = static_cast<int>(kv_heads);
+  params.head_dim = static_cast<int>(head_dim);
+  params.head_dim_padded = static_cast<int>(bucket);
+  params.dtype = q.element_type() == ffi::DataType::F16 ? DType::kFloat16 : DType::kBFloat16;
+
+  params.softmax_scale = softmax_scale;
+  params.softmax_scale_log2 = softmax_scale * kLog2e;
+  params.causal = causal;
+  params.causal_top_left = causal_top_left;
+  params.window_left = static_cast<int>(window_left);
+  params.window_right = static_cast<int>(window_right);
+  params.softcap = softcap;
+  return ffi::Error::Success();
+}
+
+// A message from the kernels library means a launch failed or a combination slipped past the
+// Python checks: both are internal errors from the user's point of view.
+ffi::Error from_message(const std::string& message) {
+  return message.empty() ? ffi::Error::Success() : ffi::Error::Internal(message);
+}
+
+ffi::Error attention_fwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                         ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> out_accum,
+                         ffi::Result<ffi::AnyBuffer> lse_accum, float softmax_scale, bool causal,
+                         bool causal_top_left, int64_t window_left, int64_t window_right,
+                         float softcap, int64_t num_splits) {
+  FwdParams params{};
+  if (auto error = fill_common(params, q, k, v, softmax_scale, causal, causal_top_left,
+                               window_left, window_right, softcap);
+      error.failure()) {
+    return error;
+  }
+  const int64_t b = params.batch, sq = params.seqlen_q, h = params.heads;
+  const Dims q_shape(q.dimensions().begin(), q.dimensions().end());
+  if (auto error = check_buffer("out", *out, q.element_type(), q_shape); error.failure()) {
+    return error;
+  }
+  if (auto error = check_buffer("lse", *lse, ffi::DataType::F32, {b, h, sq}); error.failure()) {
+    return error;
+  }
+  if (num_splits < 1 || num_splits > std::numeric_limits<int>::max()) {
+    return ffi::Error::InvalidArgument("flash_jax: num_splits must be >= 1, got " +
+                                       std::to_string(num_splits));
+  }
+  // Without splitting the partial-result workspace is unused and comes as empty arrays.
+  const bool split = num_splits > 1;
+  const Dims out_accum_shape =
+      split ? Dims{num_splits, b, h, sq, params.head_dim_padded} : Dims{0};
+  const Dims lse_accum_shape = split ? Dims{num_splits, b, h, sq} : Dims{0};
+  if (auto error = check_buffer("out_accum", *out_accum, ffi::DataType::F32, out_accum_shape);
+      error.failure()) {
+    return error;
+  }
+  if (auto error = check_buffer("lse_accum", *lse_accum, ffi::DataType::F32, lse_accum_shape);
+      error.failure()) {
+    return error;
+  }
+
+  params.out = out->untyped_data();
+  params.o_row_stride = params.q_row_stride;
+  params.o_head_stride = params.q_head_stride;
+  params.o_batch_stride = params.q_batch_stride;
+  params.lse = static_cast<float*>(lse->untyped_data());
+  params.num_splits = static_cast<int>(num_splits);
+  params.out_accum = split ? static_cast<float*>(out_accum->untyped_data()) : nullptr;
+  params.lse_accum = split ? static_cast<float*>(lse_accum->untyped_data()) : nullptr;
+  return from_message(run_fwd(params, stream));
+}
+
+ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                         ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
+                         ffi::AnyBuffer dout, ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
+                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                         ffi::Result<ffi::AnyBuffer> dq_accum,
+                         ffi::Result<ffi::AnyBuffer> softmax_d, float softmax_scale, bool causal,
+                         bool causal_top_left, int64_t window_left, int64_t window_right,
+                         float softcap, bool deterministic) {
+  BwdParams params{};
+  if (auto error = fill_common(params, q, k, v, softmax_scale, causal, causal_top_left,
+                               window_left, window_right, softcap);
+      error.failure()) {
+    return error;
+  }
+  const int64_t b = params.batch, sq = params.seqlen_q, sk = params.seqlen_k, h = params.heads;
+  const int64_t d = params.head_dim;
+  const int64_t sq_padded = round_up(sq, kBwdSeqlenQPadMultiple);
+  const ffi::DataType dtype = q.element_type();
+  const Dims q_shape = {b, sq, h, d};
+  const Dims grad_kv_shape = {b, sk, h, d};  // query heads, see params.h
+  const Dims lse_shape = {b, h, sq};
+  struct Expected {
+    const char* name;
+    const ffi::AnyBuffer& buffer;
+    ffi::DataType dtype;
+    const Dims& dims;
+  };
+  const Dims dq_accum_shape = {b, h, sq_padded, params.head_dim_padded};
+  const Dims softmax_d_shape = {b, h, sq_padded};
+  for (const Expected& expected : {
+           Expected{"out", out, dtype, q_shape},
+           Expected{"lse", lse, ffi::DataType::F32, lse_shape},
+           Expected{"dout", dout, dtype, q_shape},
+           Expected{"dlse", dlse, ffi::DataType::F32, lse_shape},
+           Expected{"dq", *dq, dtype, q_shape},
+           Expected{"dk", *dk, dtype, grad_kv_shape},
+           Expected{"dv", *dv, dtype, grad_kv_shape},
+           Expected{"dq_accum", *dq_accum, ffi::DataType::F32, dq_accum_shape},
+           Expected{"softmax_d", *softmax_d, ffi::DataType::F32, softmax_d_shape},
+       }) {
+    if (auto error = check_buffer(expected.name, expected.buffer, expected.dtype, expected.dims);
+        error.failure()) {
+      return error;
+    }
+  }
+
+  // All [b, s, h, d] tensors of one call share q's (or, for dk/dv, the query-head kv) layout.
+  params.out = out.untyped_data();
+  params.dout = dout.untyped_data();
+  params.dq = dq->untyped_data();
+  params.o_row_stride = params.do_row_stride = params.dq_row_stride = params.q_row_stride;
+  params.o_head_stride = params.do_head_stride = params.dq_head_stride = params.q_head_stride;
+  params.o_batch_stride = params.do_batch_stride = params.dq_batch_stride = params.q_batch_stride;
+  params.dk = dk->untyped_data();
+  params.dv = dv->untyped_data();
+  params.dk_row_stride = params.dv_row_stride = h * d;
+  params.dk_head_stride = params.dv_head_stride = d;
+  params.dk_batch_stride = params.dv_batch_stride = sk * h * d;
+  params.lse = static_cast<const float*>(lse.untyped_data());
+  params.dlse = static_cast<const float*>(dlse.untyped_data());
+  params.dq_accum = static_cast<float*>(dq_accum->untyped_data());
+  params.softmax_d = static_cast<float*>(softmax_d->untyped_data());
+  params.deterministic = deterministic;
+  return from_message(run_bwd(params, stream));
+}
+
+}  // namespace
+}  // namespace flash_jax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionFwdCuda, flash_jax::attention_fwd,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()   // q
+                                  .Arg<xla::ffi::AnyBuffer>()   // k
+                                  .Arg<xla::ffi::AnyBuffer>()   // v
+                                  .Ret<xla::ffi::AnyBuffer>()   // out
+                                  .Ret<xla::ffi::AnyBuffer>()   // lse
+                                  .Ret<xla::ffi::AnyBuffer>()   // out_accum (workspace)
+                                  .Ret<xla::ffi::AnyBuffer>()   // lse_accum (workspace)
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("causal_top_left")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("num_splits"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionBwdCuda, flash_jax::attention_bwd,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()   // q
+                                  .Arg<xla::ffi::AnyBuffer>()   // k
+                                  .Arg<xla::ffi::AnyBuffer>()   // v
+                                  .Arg<xla::ffi::AnyBuffer>()   // out
+                                  .Arg<xla::ffi::AnyBuffer>()   // lse
+                                  .Arg<xla::ffi::AnyBuffer>()   // dout
+                                  .Arg<xla::ffi::AnyBuffer>()   // dlse
+                                  .Ret<xla::ffi::AnyBuffer>()   // dq
+                                  .Ret<xla::ffi::AnyBuffer>()   // dk (query heads)
+                                  .Ret<xla::ffi::AnyBuffer>()   // dv (query heads)
+                                  .Ret<xla::ffi::AnyBuffer>()   // dq_accum (workspace)
+                                  .Ret<xla::ffi::AnyBuffer>()   // softmax_d (workspace)
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("causal_top_left")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<float>("softcap")
+                                  .Attr<bool>("deterministic"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,192 @@
+"""CUDA lowering of the attention primitives: the kernels behind XLA FFI custom calls.
+
+Importing this module registers the FFI targets of the compiled extension (when it was built)
+and the CUDA implementation of the primitives. The lowering itself needs no extension: it only
+emits the custom calls, so `jax.export` and `.lower(lowering_platforms=("cuda",))` work on a
+machine without a GPU. Only a process that has CUDA devices but no kernels is refused, with
+instructions, instead of falling back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flash_jax import _primitives
+from flash_jax._config import AttentionConfig
+
+FWD_TARGET = "flash_jax_attention_fwd_cuda"
+BWD_TARGET = "flash_jax_attention_bwd_cuda"
+
+# Mirrors csrc/flash_jax/params.h: the head-dim buckets with instantiated kernels, the row
+# padding of the backward's workspace and the 16-byte (8-element) vector loads along head_dim.
+_HEAD_DIM_BUCKETS = (32, 64, 96, 128, 192, 256)
+_BWD_SEQLEN_Q_PAD_MULTIPLE = 128
+_HEAD_DIM_ALIGNMENT = 8
+
+# Split-KV heuristic (forward): when the (batch, head, 64-row query block) tiles fill less than
+# 80% of the SMs and there are enough keys to share, each tile's keys are split over several CTAs.
+_FWD_BLOCK_Q = 64
+_SPLIT_MIN_SEQLEN_K = 512
+_SPLIT_KEYS_PER_SPLIT = 128
+_MAX_SPLITS = 64
+_DEFAULT_NUM_SMS = 132  # H100 SXM, used when no CUDA device is visible (lowering on CPU)
+
+try:
+  from flash_jax import _flash_jax_cuda
+except ModuleNotFoundError as error:
+  if error.name != "flash_jax._flash_jax_cuda":
+    raise
+  _flash_jax_cuda = None
+  _EXTENSION_ERROR = "the extension flash_jax._flash_jax_cuda was not built"
+except ImportError as error:  # built, but cannot be loaded here (e.g. a missing library)
+  _flash_jax_cuda = None
+  _EXTENSION_ERROR = f"the extension flash_jax._flash_jax_cuda failed to load: {error}"
+else:
+  _EXTENSION_ERROR = None
+  # Registration before the CUDA plugin is initialised is queued by jaxlib.
+  for _name, _capsule in _flash_jax_cuda.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+
+def kernels_available() -> bool:
+  """Whether this installation has the compiled CUDA kernels."""
+  return _flash_jax_cuda is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_devices():
+  try:
+    return tuple(jax.devices("cuda"))
+  except RuntimeError:  # no CUDA backend in this process
+    return ()
+
+
+def _require_kernels():
+  if _flash_jax_cuda is None and _cuda_devices():
+    raise NotImplementedError(
+        f"flash_jax was installed without its CUDA kernels ({_EXTENSION_ERROR}), but this "
+        "process has CUDA devices. Rebuild it with the CUDA toolkit (nvcc) available: "
+        "`FLASH_JAX_BUILD_CUDA=1 pip install --force-reinstall --no-deps <path to flash_jax>`; "
+        "see the README for FLASH_JAX_CUDA_ARCHS and MAX_JOBS.")
+
+
+def _check_supported(query, config: AttentionConfig):
+  """Valid input the kernels do not handle yet: refused at lowering, never silently replaced."""
+  dtype = jnp.dtype(query.dtype)
+  if dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+    raise NotImplementedError(
+        f"flash_jax on GPU: `query`, `key` and `value` must be float16 or bfloat16 on GPU, got "
+        f"{dtype.name}")
+  if config.operands:
+    raise NotImplementedError(
+        f"flash_jax on GPU: the CUDA kernels do not support {', '.join(config.operands)} yet; "
+        f"expected none of these operands, got {list(config.operands)}")
+  if config.dropout_rate > 0:
+    raise NotImplementedError(
+        f"flash_jax on GPU: `dropout_rate` must be 0 with the CUDA kernels for now, got "
+        f"{config.dropout_rate}")
+  _require_kernels()
+
+
+def _head_dim_bucket(head_dim: int) -> int:
+  return next(bucket for bucket in _HEAD_DIM_BUCKETS if head_dim <= bucket)
+
+
+def _pad_head_dim(x, head_dim: int):
+  if x.shape[-1] == head_dim:
+    return x
+  return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, head_dim - x.shape[-1]),))
+
+
+def _aligned_head_dim(head_dim: int) -> int:
+  # Zero columns leave q.k, rowsum(dout * out) and the first head_dim output columns unchanged.
+  return -(-head_dim // _HEAD_DIM_ALIGNMENT) * _HEAD_DIM_ALIGNMENT
+
+
+def _num_sms() -> int:
+  devices = _cuda_devices()
+  return getattr(devices[0], "core_count", _DEFAULT_NUM_SMS) if devices else _DEFAULT_NUM_SMS
+
+
+def num_splits(batch: int, heads: int, seq_q: int, seq_k: int, num_sms: int | None = None) -> int:
+  """How many CTAs share the keys of one (batch, head, query block) tile in the forward."""
+  num_sms = _num_sms() if num_sms is None else num_sms
+  blocks = batch * heads * -(-seq_q // _FWD_BLOCK_Q)
+  if blocks >= 0.8 * num_sms or seq_k < _SPLIT_MIN_SEQLEN_K:
+    return 1
+  return max(1, min(-(-num_sms // blocks), -(-seq_k // _SPLIT_KEYS_PER_SPLIT), _MAX_SPLITS))
+
+
+def _common_attributes(config: AttentionConfig) -> dict:
+  # Exact types: the handlers bind float (f32), int64_t and bool attributes, and a mismatch would
+  # only surface when the executable runs.
+  return dict(
+      softmax_scale=np.float32(config.softmax_scale),
+      causal=bool(config.causal),
+      causal_top_left=bool(config.causal_top_left),
+      window_left=np.int64(config.window_left),
+      window_right=np.int64(config.window_right),
+      softcap=np.float32(config.softcap),
+  )
+
+
+def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
+  """(out, lse) from the forward kernel; the split-KV workspace outputs are dropped."""
+  del optional  # refused by _check_supported until the kernels take them
+  _check_supported(query, config)
+  batch, seq_q, heads, head_dim = query.shape
+  seq_k = key.shape[1]
+  aligned = _aligned_head_dim(head_dim)
+  query, key, value = (_pad_head_dim(x, aligned) for x in (query, key, value))
+  splits = num_splits(batch, heads, seq_q, seq_k)
+  if splits > 1:
+    workspace = [
+        jax.ShapeDtypeStruct((splits, batch, heads, seq_q, _head_dim_bucket(aligned)), jnp.float32),
+        jax.ShapeDtypeStruct((splits, batch, heads, seq_q), jnp.float32),
+    ]
+  else:
+    workspace = [jax.ShapeDtypeStruct((0,), jnp.float32)] * 2
+  call = jax.ffi.ffi_call(
+      FWD_TARGET,
+      [jax.ShapeDtypeStruct(query.shape, query.dtype),
+       jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32), *workspace])
+  out, lse, _, _ = call(query, key, value, num_splits=np.int64(splits),
+                        **_common_attributes(config))
+  return out[..., :head_dim], lse
+
+
+def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: AttentionConfig):
+  """(dq, dk, dv) from the backward kernel; for GQA the per-query-head dk/dv are summed here."""
+  del optional  # refused by _check_supported until the kernels take them
+  _check_supported(query, config)
+  batch, seq_q, heads, head_dim = query.shape
+  seq_k, kv_heads = key.shape[1], key.shape[2]
+  aligned = _aligned_head_dim(head_dim)
+  query, key, value, out, dout = (_pad_head_dim(x, aligned)
+                                  for x in (query, key, value, out, dout))
+  seq_q_padded = -(-seq_q // _BWD_SEQLEN_Q_PAD_MULTIPLE) * _BWD_SEQLEN_Q_PAD_MULTIPLE
+  dkv = jax.ShapeDtypeStruct((batch, seq_k, heads, aligned), key.dtype)
+  call = jax.ffi.ffi_call(
+      BWD_TARGET,
+      [jax.ShapeDtypeStruct(query.shape, query.dtype), dkv, dkv,
+       jax.ShapeDtypeStruct((batch, heads, seq_q_padded, _head_dim_bucket(aligned)), jnp.float32),
+       jax.ShapeDtypeStruct((batch, heads, seq_q_padded), jnp.float32)])
+  dq, dk, dv, _, _ = call(query, key, value, out, lse, dout, dlse,
+                          deterministic=bool(config.deterministic),
+                          **_common_attributes(config))
+  if kv_heads != heads:
+    group = heads // kv_heads
+
+    def reduce_group(x):
+      x = x.reshape(batch, seq_k, kv_heads, group, aligned).astype(jnp.float32)
+      return x.sum(axis=3).astype(key.dtype)
+
+    dk, dv = reduce_group(dk), reduce_group(dv)
+  return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
+
+
+_primitives.register_implementation(fwd_cuda, bwd_cuda, platform="cuda")

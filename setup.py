@@ -1,0 +1,242 @@
+"""Build of flash_jax: a pure-Python package plus, when CUDA is built, one extension module.
+
+The CUDA kernels (csrc/flash_jax/dispatch.cu and csrc/instantiations/*.cu) are compiled by nvcc
+into a static library that includes no Python header, under build/kernels/<configuration>/, with
+per-object dependency files so that only what changed is recompiled; several Python versions
+share it. The thin pybind11 module flash_jax._flash_jax_cuda (csrc/bindings.cc and the FFI
+handlers in csrc/ffi/) links that library and the static CUDA runtime, so editing the bindings or
+the handlers never recompiles a kernel.
+
+Environment:
+  FLASH_JAX_BUILD_CUDA   auto (default): build the kernels when nvcc is found and an NVIDIA
+                         driver is present; 1: always (fails without nvcc); 0: never (pure Python).
+  FLASH_JAX_CUDA_ARCHS   ";"- or ","-separated SM versions, default "80;90": a cubin for each and
+                         PTX for the highest (suffixes such as 90a are allowed).
+  MAX_JOBS               parallel nvcc processes (default: the number of usable cores).
+  FLASH_JAX_CCACHE       auto (default): prefix nvcc with ccache when ccache is on PATH; 0: never.
+  CUDA_HOME / CUDA_PATH  the CUDA toolkit (default: nvcc on PATH, else /usr/local/cuda).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import hashlib
+import importlib.util
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = pathlib.Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+KERNEL_SOURCES = sorted([CSRC / "flash_jax" / "dispatch.cu",
+                         *(CSRC / "instantiations").glob("*.cu")])
+EXTENSION_SOURCES = [CSRC / "bindings.cc", CSRC / "ffi" / "attention_ffi.cc"]
+# Headers the extension sources include from this repository; setuptools does not scan includes.
+EXTENSION_DEPENDS = [CSRC / "ffi" / "attention_ffi.h", CSRC / "flash_jax" / "api.h",
+                     CSRC / "flash_jax" / "params.h"]
+
+NVCC_FLAGS = [
+    "-std=c++17", "-O3", "-DNDEBUG", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
+    "-Xptxas=--warn-on-spills", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+]
+CXX_FLAGS = ["-std=c++17", "-O2", "-fvisibility=hidden"]
+
+
+def _log(message: str) -> None:
+  print(f"flash_jax build: {message}", file=sys.stderr, flush=True)
+
+
+def _build_cuda_mode() -> str:
+  mode = os.environ.get("FLASH_JAX_BUILD_CUDA", "auto").strip().lower()
+  if mode not in ("auto", "0", "1"):
+    raise ValueError(f"FLASH_JAX_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+  return mode
+
+
+def find_nvcc() -> pathlib.Path | None:
+  for variable in ("CUDA_HOME", "CUDA_PATH"):
+    if os.environ.get(variable):
+      candidate = pathlib.Path(os.environ[variable]) / "bin" / "nvcc"
+      if candidate.is_file():
+        return candidate
+  on_path = shutil.which("nvcc")
+  if on_path:
+    return pathlib.Path(on_path).resolve()
+  default = pathlib.Path("/usr/local/cuda/bin/nvcc")
+  return default if default.is_file() else None
+
+
+def _driver_present() -> bool:
+  if pathlib.Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi"):
+    return True
+  try:
+    ctypes.CDLL("libcuda.so.1")
+  except OSError:
+    return False
+  return True
+
+
+def cuda_archs() -> list[str]:
+  text = os.environ.get("FLASH_JAX_CUDA_ARCHS", "80;90")
+  archs = [a.strip() for a in re.split(r"[;,\s]+", text) if a.strip()]
+  bad = [a for a in archs if not re.fullmatch(r"\d{2,3}[af]?", a)]
+  if not archs or bad:
+    raise ValueError(f"FLASH_JAX_CUDA_ARCHS must list SM versions such as '80;90' or '90a', "
+                     f"got {text!r}")
+  return archs
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+  flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+  # PTX of the highest architecture lets newer GPUs JIT-compile the kernels.
+  highest = max(archs, key=lambda a: int(re.match(r"\d+", a).group()))
+  return flags + [f"-gencode=arch=compute_{highest},code=compute_{highest}"]
+
+
+def cutlass_include() -> pathlib.Path:
+  # Located without importing cutlass_library (its import pulls in the Python DSL).
+  spec = importlib.util.find_spec("cutlass_library")
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError("building the CUDA kernels needs the CUTLASS headers: "
+                       "pip install nvidia-cutlass==4.2.0.0")
+  include = pathlib.Path(list(spec.submodule_search_locations)[0]) / "source" / "include"
+  if not (include / "cute" / "tensor.hpp").is_file():
+    raise RuntimeError(f"nvidia-cutlass has no C++ headers at {include}")
+  return include
+
+
+def jax_ffi_include() -> str:
+  import jax.ffi  # pylint: disable=import-outside-toplevel
+  return jax.ffi.include_dir()
+
+
+def max_jobs() -> int:
+  if os.environ.get("MAX_JOBS"):
+    return max(1, int(os.environ["MAX_JOBS"]))
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _launcher() -> list[str]:
+  setting = os.environ.get("FLASH_JAX_CCACHE", "auto").strip().lower()
+  if setting not in ("auto", "0", "1"):
+    raise ValueError(f"FLASH_JAX_CCACHE must be auto, 0 or 1, got {setting!r}")
+  ccache = shutil.which("ccache")
+  if setting == "1" and not ccache:
+    raise RuntimeError("FLASH_JAX_CCACHE=1 but ccache is not on PATH")
+  return [ccache] if ccache and setting != "0" else []
+
+
+def _read_depfile(path: pathlib.Path) -> list[pathlib.Path]:
+  """The prerequisites listed in a make-style dependency file written by nvcc -MD."""
+  text = path.read_text().replace("\\\n", " ")
+  _, _, prerequisites = text.partition(":")
+  return [pathlib.Path(p) for p in shlex.split(prerequisites)]
+
+
+def _up_to_date(obj: pathlib.Path, depfile: pathlib.Path) -> bool:
+  if not obj.exists() or not depfile.exists():
+    return False
+  built = obj.stat().st_mtime
+  try:
+    return all(p.stat().st_mtime <= built for p in _read_depfile(depfile))
+  except OSError:  # a prerequisite was removed
+    return False
+
+
+def build_kernel_library(nvcc: pathlib.Path, build_root: pathlib.Path) -> pathlib.Path:
+  """Compiles the kernels (only what changed) and archives them; returns the library's path."""
+  archs = cuda_archs()
+  version = subprocess.run([str(nvcc), "--version"], check=True, capture_output=True,
+                           text=True).stdout
+  flags = NVCC_FLAGS + gencode_flags(archs) + [f"-I{CSRC}", f"-isystem={cutlass_include()}"]
+  # One directory per configuration: switching archs or toolkits never mixes objects.
+  key = hashlib.sha256("\n".join([str(nvcc), version, *flags]).encode()).hexdigest()[:12]
+  out_dir = build_root / "kernels" / f"sm{'_'.join(archs)}-{key}"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  launcher = _launcher()
+
+  def compile_one(source: pathlib.Path):
+    stem = source.relative_to(CSRC).with_suffix("").as_posix().replace("/", "__")
+    obj, depfile = out_dir / f"{stem}.o", out_dir / f"{stem}.d"
+    if _up_to_date(obj, depfile):
+      return obj, False
+    command = [*launcher, str(nvcc), *flags, "-MD", "-MF", str(depfile), "-c", str(source),
+               "-o", str(obj)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+      raise RuntimeError(f"nvcc failed on {source.relative_to(ROOT)}:\n{shlex.join(command)}\n"
+                         f"{result.stdout}{result.stderr}")
+    # Register spills and other warnings are worth seeing.
+    _log(f"compiled {source.relative_to(ROOT)}" + (f":\n{result.stderr.strip()}"
+                                                    if result.stderr.strip() else ""))
+    return obj, True
+
+  jobs = max_jobs()
+  _log(f"compiling {len(KERNEL_SOURCES)} kernel sources for sm {', '.join(archs)} with "
+       f"{jobs} parallel nvcc jobs into {out_dir.relative_to(build_root.parent)}")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    results = list(pool.map(compile_one, KERNEL_SOURCES))
+  library = out_dir / "libflash_jax_kernels.a"
+  objects = [obj for obj, _ in results]
+  if any(rebuilt for _, rebuilt in results) or not library.exists():
+    library.unlink(missing_ok=True)
+    subprocess.run(["ar", "rcs", str(library), *map(str, objects)], check=True)
+  _log(f"{sum(rebuilt for _, rebuilt in results)} of {len(results)} kernel objects rebuilt")
+  return library
+
+
+class BuildExtension(build_ext):
+  """Builds the kernels library before compiling and linking the extension against it."""
+
+  def build_extension(self, ext):
+    nvcc = find_nvcc()
+    if nvcc is None:
+      raise RuntimeError("FLASH_JAX_BUILD_CUDA: nvcc not found (set CUDA_HOME)")
+    library = build_kernel_library(nvcc, ROOT / "build")
+    cuda_home = nvcc.parent.parent
+    ext.extra_objects = [str(library)]
+    ext.include_dirs += [str(CSRC)]
+    ext.library_dirs += [str(cuda_home / "lib64"), str(cuda_home / "lib")]
+    ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
+    # -isystem: warnings inside the jaxlib and CUDA headers are not ours to fix.
+    ext.extra_compile_args += ["-isystem", jax_ffi_include(), "-isystem",
+                               str(cuda_home / "include")]
+    ext.depends += [str(library)]
+    super().build_extension(ext)
+
+
+def extensions() -> list[Extension]:
+  mode = _build_cuda_mode()
+  if mode == "0":
+    return []
+  nvcc = find_nvcc()
+  if mode == "auto":
+    if nvcc is None or not _driver_present():
+      _log("CUDA kernels skipped (FLASH_JAX_BUILD_CUDA=auto needs nvcc and an NVIDIA driver); "
+           "installing the pure-Python package, which runs on CPU")
+      return []
+  elif nvcc is None:
+    raise RuntimeError("FLASH_JAX_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+  import pybind11  # pylint: disable=import-outside-toplevel
+  return [
+      Extension(
+          "flash_jax._flash_jax_cuda",
+          sources=[str(p.relative_to(ROOT)) for p in EXTENSION_SOURCES],
+          depends=[str(p.relative_to(ROOT)) for p in EXTENSION_DEPENDS],
+          include_dirs=[pybind11.get_include()],
+          extra_compile_args=list(CXX_FLAGS),
+          language="c++",
+      )
+  ]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})
