@@ -1,0 +1,225 @@
+"""The CUDA lowering, checked on any machine: lowering for CUDA needs neither a GPU nor the
+compiled extension, so these tests run in CPU-only CI.
+
+They pin what the FFI handlers (csrc/ffi/attention_ffi.cc) rely on: the custom-call targets, the
+attribute names and exact types, the operand and result shapes (workspace included), and that
+nothing silently falls back to an XLA implementation.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from flash_jax import _cuda
+from flash_jax import _primitives
+from flash_jax._config import AttentionConfig
+
+FWD_ATTRS = {"softmax_scale": "f32", "causal": "bool", "causal_top_left": "bool",
+             "window_left": "i64", "window_right": "i64", "softcap": "f32", "num_splits": "i64"}
+BWD_ATTRS = {"softmax_scale": "f32", "causal": "bool", "causal_top_left": "bool",
+             "window_left": "i64", "window_right": "i64", "softcap": "f32",
+             "deterministic": "bool"}
+
+_CALL = re.compile(r"stablehlo\.custom_call @(?P<target>\w+)\((?P<operands>[^)]*)\) \{(?P<body>.*)"
+                   r"\} : \((?P<in_types>.*)\) -> (?P<out_types>.*)$")
+
+
+def _custom_calls(text):
+  """{target: [(attributes {name: (value, type)}, operand types, result types)]}."""
+  calls = {}
+  for line in text.splitlines():
+    match = _CALL.search(line.strip())
+    if not match:
+      continue
+    config = re.search(r"mhlo\.backend_config = \{([^}]*)\}", match["body"])
+    attrs = {}
+    for item in config[1].split(", ") if config and config[1] else ():
+      name, _, value = item.partition(" = ")
+      value, _, type_ = value.partition(" : ")
+      attrs[name] = (value, type_ or ("bool" if value in ("true", "false") else "?"))
+    types = lambda s: re.findall(r"tensor<([^>]*)>", s)
+    calls.setdefault(match["target"], []).append(
+        (attrs, types(match["in_types"]), types(match["out_types"])))
+  return calls
+
+
+def _lower_for_cuda(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _spec(shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _grad_of(**kwargs):
+  def loss(q, k, v):
+    result = flash_jax.attention(q, k, v, **kwargs)
+    if kwargs.get("return_lse"):
+      out, lse = result
+      return out.astype(jnp.float32).sum() + lse.sum()
+    return result.astype(jnp.float32).sum()
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shapes", [
+    ((2, 128, 4, 64), (2, 128, 4, 64)),   # MHA
+    ((3, 113, 9, 40), (3, 203, 3, 40)),   # GQA, seq_q != seq_k
+    ((1, 1, 8, 128), (1, 1024, 1, 128)),  # MQA decoding shape: split-KV
+])
+def test_grad_lowers_to_both_custom_calls(causal, return_lse, dtype, shapes):
+  q_shape, kv_shape = shapes
+  text = _lower_for_cuda(_grad_of(causal=causal, return_lse=return_lse),
+                         _spec(q_shape, dtype), _spec(kv_shape, dtype), _spec(kv_shape, dtype))
+  calls = _custom_calls(text)
+  assert set(calls) == {_cuda.FWD_TARGET, _cuda.BWD_TARGET}, text
+  assert len(calls[_cuda.FWD_TARGET]) == 1 and len(calls[_cuda.BWD_TARGET]) == 1
+  # No XLA attention behind the custom calls: no matrix products, no blockwise scan.
+  assert "dot_general" not in text
+  assert "stablehlo.while" not in text
+
+  b, sq, h, d = q_shape
+  sk, kv_h = kv_shape[1], kv_shape[2]
+  element = "bf16" if dtype == jnp.bfloat16 else "f16"
+  fwd_attrs, fwd_in, fwd_out = calls[_cuda.FWD_TARGET][0]
+  assert {name: t for name, (_, t) in fwd_attrs.items()} == FWD_ATTRS
+  assert fwd_attrs["causal"][0] == ("true" if causal else "false")
+  assert fwd_attrs["causal_top_left"][0] == "false"
+  assert fwd_attrs["window_left"][0] == fwd_attrs["window_right"][0] == "-1"
+  assert float(fwd_attrs["softmax_scale"][0]) == pytest.approx(1 / np.sqrt(d), rel=1e-6)
+  assert fwd_in == [f"{b}x{sq}x{h}x{d}x{element}"] + [f"{b}x{sk}x{kv_h}x{d}x{element}"] * 2
+  splits = int(fwd_attrs["num_splits"][0])
+  assert splits == _cuda.num_splits(b, h, sq, sk)
+  assert fwd_out[:2] == [f"{b}x{sq}x{h}x{d}x{element}", f"{b}x{h}x{sq}xf32"]
+  bucket = next(x for x in (32, 64, 96, 128, 192, 256) if d <= x)
+  if splits > 1:
+    assert fwd_out[2:] == [f"{splits}x{b}x{h}x{sq}x{bucket}xf32", f"{splits}x{b}x{h}x{sq}xf32"]
+  else:
+    assert fwd_out[2:] == ["0xf32", "0xf32"]
+
+  bwd_attrs, bwd_in, bwd_out = calls[_cuda.BWD_TARGET][0]
+  assert {name: t for name, (_, t) in bwd_attrs.items()} == BWD_ATTRS
+  assert bwd_attrs["deterministic"][0] == "false"
+  assert len(bwd_in) == 7
+  sq_padded = -(-sq // 128) * 128
+  # dk and dv come back with the query-head count; the group sum happens outside the call.
+  assert bwd_out == [f"{b}x{sq}x{h}x{d}x{element}", f"{b}x{sk}x{h}x{d}x{element}",
+                     f"{b}x{sk}x{h}x{d}x{element}", f"{b}x{h}x{sq_padded}x{bucket}xf32",
+                     f"{b}x{h}x{sq_padded}xf32"]
+
+
+def test_head_dim_is_padded_to_a_multiple_of_8():
+  spec = _spec((2, 64, 2, 59))
+  calls = _custom_calls(_lower_for_cuda(_grad_of(), spec, spec, spec))
+  _, fwd_in, fwd_out = calls[_cuda.FWD_TARGET][0]
+  assert fwd_in == ["2x64x2x64xbf16"] * 3
+  assert fwd_out[0] == "2x64x2x64xbf16"
+  _, bwd_in, bwd_out = calls[_cuda.BWD_TARGET][0]
+  assert bwd_out[:3] == ["2x64x2x64xbf16"] * 3
+
+
+def test_deterministic_attribute():
+  spec = _spec((2, 64, 2, 64))
+  text = _lower_for_cuda(_grad_of(deterministic=True), spec, spec, spec)
+  assert _custom_calls(text)[_cuda.BWD_TARGET][0][0]["deterministic"] == ("true", "bool")
+
+
+def test_export_for_cuda():
+  spec = _spec((2, 256, 4, 64))
+  # flash_jax's targets are not among jax.export's stable custom calls: exporting them is opted in.
+  checks = [jax.export.DisabledSafetyCheck.custom_call(target)
+            for target in (_cuda.FWD_TARGET, _cuda.BWD_TARGET)]
+  exported = jax.export.export(jax.jit(_grad_of(causal=True)), platforms=["cuda"],
+                               disabled_checks=checks)(spec, spec, spec)
+  text = exported.mlir_module()
+  assert _cuda.FWD_TARGET in text and _cuda.BWD_TARGET in text
+  assert "dot_general" not in text
+
+
+def test_vmap_folds_into_the_batch_of_one_call():
+  q = _spec((5, 3, 64, 4, 32))
+  kv = _spec((3, 96, 4, 32))
+  fn = jax.vmap(lambda q, k, v: flash_jax.attention(q, k, v), in_axes=(0, None, None))
+  calls = _custom_calls(_lower_for_cuda(fn, q, kv, kv))
+  (_, fwd_in, fwd_out), = calls[_cuda.FWD_TARGET]
+  assert fwd_in == ["15x64x4x32xbf16", "15x96x4x32xbf16", "15x96x4x32xbf16"]
+
+
+def test_attributes_carry_the_config():
+  config = AttentionConfig(softmax_scale=0.25, causal=True, causal_top_left=True, window_left=7,
+                           window_right=0, softcap=30.0, deterministic=True)
+  spec = _spec((1, 64, 2, 64))
+  lse = _spec((1, 2, 64), jnp.float32)
+
+  def fn(q, k, v, out, lse, dout, dlse):
+    return (_primitives.attention_fwd(q, k, v, config=config),
+            _primitives.attention_bwd(q, k, v, out, lse, dout, dlse, config=config))
+
+  calls = _custom_calls(_lower_for_cuda(fn, spec, spec, spec, spec, lse, spec, lse))
+  for target in (_cuda.FWD_TARGET, _cuda.BWD_TARGET):
+    attrs = calls[target][0][0]
+    assert float(attrs["softmax_scale"][0]) == 0.25
+    assert attrs["causal"][0] == attrs["causal_top_left"][0] == "true"
+    assert (attrs["window_left"][0], attrs["window_right"][0]) == ("7", "0")
+    assert float(attrs["softcap"][0]) == 30.0
+  assert calls[_cuda.BWD_TARGET][0][0]["deterministic"][0] == "true"
+
+
+def test_float32_is_refused_at_lowering():
+  spec = _spec((2, 64, 2, 64), jnp.float32)
+  with pytest.raises(NotImplementedError, match="float16 or bfloat16 on GPU, got float32"):
+    _lower_for_cuda(lambda q, k, v: flash_jax.attention(q, k, v), spec, spec, spec)
+  # The same function still lowers for CPU, where float32 is supported.
+  jax.jit(lambda q, k, v: flash_jax.attention(q, k, v)).trace(spec, spec, spec).lower(
+      lowering_platforms=("cpu",))
+
+
+@pytest.mark.parametrize("name, operand", [
+    ("q_segment_ids", _spec((2, 64), jnp.int32)),
+    ("kv_segment_ids", _spec((2, 64), jnp.int32)),
+    ("q_lengths", _spec((2,), jnp.int32)),
+    ("kv_lengths", _spec((2,), jnp.int32)),
+    ("mask", _spec((2, 1, 64, 64), jnp.bool_)),
+    ("bias", _spec((2, 1, 64, 64), jnp.bfloat16)),
+    ("alibi_slopes", _spec((2, 2), jnp.float32)),
+    ("dropout_seed", _spec((2, 2), jnp.uint32)),
+])
+def test_optional_operands_are_refused_at_lowering(name, operand):
+  config = AttentionConfig(softmax_scale=0.125, operands=(name,))
+  spec = _spec((2, 64, 2, 64))
+  with pytest.raises(NotImplementedError, match=f"do not support {name}"):
+    _lower_for_cuda(lambda *args: _primitives.attention_fwd(*args, config=config), spec, spec,
+                    spec, operand)
+
+
+def test_dropout_is_refused_at_lowering():
+  config = AttentionConfig(softmax_scale=0.125, dropout_rate=0.1)
+  spec = _spec((2, 64, 2, 64))
+  with pytest.raises(NotImplementedError, match="`dropout_rate` must be 0 .* got 0.1"):
+    _lower_for_cuda(lambda *args: _primitives.attention_fwd(*args, config=config), spec, spec,
+                    spec)
+
+
+def test_missing_kernels_with_cuda_devices_is_an_error(monkeypatch):
+  monkeypatch.setattr(_cuda, "_flash_jax_cuda", None)
+  monkeypatch.setattr(_cuda, "_cuda_devices", lambda: ("a CUDA device",))
+  spec = _spec((2, 64, 2, 64))
+  with pytest.raises(NotImplementedError, match="without its CUDA kernels.*FLASH_JAX_BUILD_CUDA=1"):
+    _lower_for_cuda(lambda q, k, v: flash_jax.attention(q, k, v), spec, spec, spec)
+
+
+@pytest.mark.parametrize("batch, heads, seq_q, seq_k, expected", [
+    (1, 8, 1, 8192, 17),     # decoding: 8 tiles on 132 SMs -> ceil(132 / 8)
+    (1, 1, 1, 1024, 8),      # capped by the keys: ceil(1024 / 128)
+    (1, 1, 1, 65536, 64),    # capped at 64 splits
+    (1, 8, 1, 511, 1),       # too few keys to share
+    (4, 32, 1024, 8192, 1),  # the GPU is already full
+])
+def test_num_splits_heuristic(batch, heads, seq_q, seq_k, expected):
+  assert _cuda.num_splits(batch, heads, seq_q, seq_k, num_sms=132) == expected
