@@ -10,6 +10,7 @@ instructions, instead of falling back silently.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,10 @@ _HEAD_DIM_BUCKETS = (32, 64, 96, 128, 192, 256)
 _BWD_SEQLEN_Q_PAD_MULTIPLE = 128
 _HEAD_DIM_ALIGNMENT = 8
 
-# Split-KV heuristic (forward): when the (batch, head, 64-row query block) tiles fill less than
-# 80% of the SMs and there are enough keys to share, each tile's keys are split over several CTAs.
-_FWD_BLOCK_Q = 64
-_SPLIT_MIN_SEQLEN_K = 512
-_SPLIT_KEYS_PER_SPLIT = 128
-_MAX_SPLITS = 64
+# Split-KV heuristic of the forward, as documented at the top of csrc/flash_jax/sm80/fwd_launch.cuh
+# (the kernels accept any num_splits >= 1; this picks one and sizes the workspace for it).
+_SPLIT_BLOCK_M = 64
+_MAX_SPLITS = 128
 _DEFAULT_NUM_SMS = 132  # H100 SXM, used when no CUDA device is visible (lowering on CPU)
 
 try:
@@ -112,13 +111,28 @@ def _num_sms() -> int:
   return getattr(devices[0], "core_count", _DEFAULT_NUM_SMS) if devices else _DEFAULT_NUM_SMS
 
 
-def num_splits(batch: int, heads: int, seq_q: int, seq_k: int, num_sms: int | None = None) -> int:
-  """How many CTAs share the keys of one (batch, head, query block) tile in the forward."""
+def num_splits(batch: int, heads: int, seq_q: int, seq_k: int, head_dim_padded: int,
+               num_sms: int | None = None) -> int:
+  """How many CTAs share the keys of one (batch, head, query block) tile in the forward.
+
+  Splitting fills an otherwise idle GPU (decoding shapes: few query rows, small batch * heads,
+  long keys); the split count is the smallest that reaches 85% of the best wave efficiency.
+  """
   num_sms = _num_sms() if num_sms is None else num_sms
-  blocks = batch * heads * -(-seq_q // _FWD_BLOCK_Q)
-  if blocks >= 0.8 * num_sms or seq_k < _SPLIT_MIN_SEQLEN_K:
+  block_n = 256 if head_dim_padded <= 64 else 128 if head_dim_padded <= 128 else 64
+  work = batch * heads * -(-seq_q // _SPLIT_BLOCK_M)
+  key_blocks = -(-seq_k // block_n)
+  if work >= 0.8 * num_sms or key_blocks < 2:
     return 1
-  return max(1, min(-(-num_sms // blocks), -(-seq_k // _SPLIT_KEYS_PER_SPLIT), _MAX_SPLITS))
+  efficiency = {}
+  for splits in range(1, min(_MAX_SPLITS, num_sms, key_blocks) + 1):
+    # More splits with the same keys per split would only add combine work.
+    if splits > 1 and -(-key_blocks // splits) == -(-key_blocks // (splits - 1)):
+      continue
+    waves = work * splits / num_sms
+    efficiency[splits] = waves / math.ceil(waves)
+  best = max(efficiency.values())
+  return min(s for s, e in efficiency.items() if e >= 0.85 * best)
 
 
 def _common_attributes(config: AttentionConfig) -> dict:
@@ -142,10 +156,11 @@ def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
   seq_k = key.shape[1]
   aligned = _aligned_head_dim(head_dim)
   query, key, value = (_pad_head_dim(x, aligned) for x in (query, key, value))
-  splits = num_splits(batch, heads, seq_q, seq_k)
+  bucket = _head_dim_bucket(aligned)
+  splits = num_splits(batch, heads, seq_q, seq_k, bucket)
   if splits > 1:
     workspace = [
-        jax.ShapeDtypeStruct((splits, batch, heads, seq_q, _head_dim_bucket(aligned)), jnp.float32),
+        jax.ShapeDtypeStruct((splits, batch, heads, seq_q, bucket), jnp.float32),
         jax.ShapeDtypeStruct((splits, batch, heads, seq_q), jnp.float32),
     ]
   else:

@@ -94,10 +94,11 @@ def test_grad_lowers_to_both_custom_calls(causal, return_lse, dtype, shapes):
   assert fwd_attrs["window_left"][0] == fwd_attrs["window_right"][0] == "-1"
   assert float(fwd_attrs["softmax_scale"][0]) == pytest.approx(1 / np.sqrt(d), rel=1e-6)
   assert fwd_in == [f"{b}x{sq}x{h}x{d}x{element}"] + [f"{b}x{sk}x{kv_h}x{d}x{element}"] * 2
-  splits = int(fwd_attrs["num_splits"][0])
-  assert splits == _cuda.num_splits(b, h, sq, sk)
-  assert fwd_out[:2] == [f"{b}x{sq}x{h}x{d}x{element}", f"{b}x{h}x{sq}xf32"]
   bucket = next(x for x in (32, 64, 96, 128, 192, 256) if d <= x)
+  splits = int(fwd_attrs["num_splits"][0])
+  assert splits == _cuda.num_splits(b, h, sq, sk, bucket)
+  assert (splits > 1) == (q_shape == (1, 1, 8, 128))  # only the decoding shape splits
+  assert fwd_out[:2] == [f"{b}x{sq}x{h}x{d}x{element}", f"{b}x{h}x{sq}xf32"]
   if splits > 1:
     assert fwd_out[2:] == [f"{splits}x{b}x{h}x{sq}x{bucket}xf32", f"{splits}x{b}x{h}x{sq}xf32"]
   else:
@@ -214,12 +215,19 @@ def test_missing_kernels_with_cuda_devices_is_an_error(monkeypatch):
     _lower_for_cuda(lambda q, k, v: flash_jax.attention(q, k, v), spec, spec, spec)
 
 
-@pytest.mark.parametrize("batch, heads, seq_q, seq_k, expected", [
-    (1, 8, 1, 8192, 17),     # decoding: 8 tiles on 132 SMs -> ceil(132 / 8)
-    (1, 1, 1, 1024, 8),      # capped by the keys: ceil(1024 / 128)
-    (1, 1, 1, 65536, 64),    # capped at 64 splits
-    (1, 8, 1, 511, 1),       # too few keys to share
-    (4, 32, 1024, 8192, 1),  # the GPU is already full
+# Expected values worked by hand from the formula in csrc/flash_jax/sm80/fwd_launch.cuh.
+@pytest.mark.parametrize("batch, heads, seq_q, seq_k, head_dim_padded, expected", [
+    # 8 tiles, 64 key blocks of 128: 16 splits fill 128 of 132 SMs (efficiency 0.97); 13 (the
+    # last split count before it with a different split length) reaches only 0.79.
+    (1, 8, 1, 8192, 128, 16),
+    # 4 key blocks of 256: split lengths 4, 2, (2), 1 -> the most splits, 4, is the most efficient.
+    (1, 1, 1, 1024, 64, 4),
+    # 512 key blocks: capped at 128 splits; 109..127 have the same split length (5) as 103.
+    (1, 1, 1, 65536, 128, 128),
+    (1, 8, 1, 256, 64, 1),           # a single key block of 256
+    (1, 8, 1, 300, 64, 2),           # two key blocks
+    (4, 32, 1024, 8192, 128, 1),     # 2048 tiles: the GPU is already full
+    (1, 106, 64, 65536, 128, 1),     # 106 tiles >= 0.8 * 132
 ])
-def test_num_splits_heuristic(batch, heads, seq_q, seq_k, expected):
-  assert _cuda.num_splits(batch, heads, seq_q, seq_k, num_sms=132) == expected
+def test_num_splits_heuristic(batch, heads, seq_q, seq_k, head_dim_padded, expected):
+  assert _cuda.num_splits(batch, heads, seq_q, seq_k, head_dim_padded, num_sms=132) == expected
