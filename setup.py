@@ -70,9 +70,20 @@ def find_nvcc() -> pathlib.Path | None:
         return candidate
   on_path = shutil.which("nvcc")
   if on_path:
-    return pathlib.Path(on_path).resolve()
+    return pathlib.Path(on_path)
   default = pathlib.Path("/usr/local/cuda/bin/nvcc")
   return default if default.is_file() else None
+
+
+def cuda_toolkit(nvcc: pathlib.Path) -> pathlib.Path:
+  """The toolkit's root (include/, lib64/). nvcc may be a wrapper script outside the toolkit,
+  so ask it: its dry run prints the root as TOP."""
+  result = subprocess.run([str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                          capture_output=True, text=True)
+  for line in (result.stdout + result.stderr).splitlines():
+    if line.startswith("#$ TOP="):
+      return pathlib.Path(line[len("#$ TOP="):].strip()).resolve()
+  return nvcc.resolve().parent.parent
 
 
 def _driver_present() -> bool:
@@ -202,7 +213,7 @@ class BuildExtension(build_ext):
     if nvcc is None:
       raise RuntimeError("FLASH_JAX_BUILD_CUDA: nvcc not found (set CUDA_HOME)")
     library = build_kernel_library(nvcc, ROOT / "build")
-    cuda_home = nvcc.parent.parent
+    cuda_home = cuda_toolkit(nvcc)
     ext.extra_objects = [str(library)]
     ext.include_dirs += [str(CSRC)]
     ext.library_dirs += [str(cuda_home / "lib64"), str(cuda_home / "lib")]
