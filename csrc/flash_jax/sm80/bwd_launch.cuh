@@ -1,0 +1,196 @@
+// Host launcher of the sm80 backward: checks what the kernels assume, then enqueues preprocess,
+// dK/dV (+ atomic dQ) and the dQ conversion (or the deterministic dQ kernel) on `stream`. Never
+// synchronises or allocates; workspace (dq_accum, softmax_d) comes in through BwdParams.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "flash_jax/launch.h"
+#include "flash_jax/params.h"
+#include "flash_jax/sm80/bwd_kernel.cuh"
+
+namespace flash_jax {
+namespace bwd {
+
+// Largest dynamic shared memory a block may opt into on the current device, cached per device.
+inline int max_dynamic_smem_per_block(std::string* error) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) {
+    *error = std::string("cudaGetDevice: ") + cudaGetErrorString(status);
+    return 0;
+  }
+  if (device < kMaxDevices) {
+    int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int value = 0;
+  status = cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status != cudaSuccess) {
+    *error = std::string("cudaDeviceGetAttribute: ") + cudaGetErrorString(status);
+    return 0;
+  }
+  if (device < kMaxDevices) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+inline bool aligned16(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
+}
+
+// The kernels move 16-byte vectors of 8 elements: each tensor's base must be 16-byte aligned and
+// every stride that is actually stepped must be a multiple of 8 elements.
+inline std::string check_layout(const char* name, const void* pointer, int64_t batch_stride,
+                                int64_t row_stride, int64_t head_stride, int batch, int seqlen,
+                                int heads) {
+  if (pointer == nullptr) return std::string(name) + " is null";
+  if (!aligned16(pointer)) return std::string(name) + " is not 16-byte aligned";
+  if ((batch > 1 && batch_stride % 8 != 0) || (seqlen > 1 && row_stride % 8 != 0) ||
+      (heads > 1 && head_stride % 8 != 0)) {
+    return std::string(name) + " strides (batch " + std::to_string(batch_stride) + ", row " +
+           std::to_string(row_stride) + ", head " + std::to_string(head_stride) +
+           ") must be multiples of 8 elements";
+  }
+  return "";
+}
+
+inline std::string check_params(const BwdParams& p, int bucket) {
+  if (p.head_dim <= 0 || p.head_dim > bucket || p.head_dim % 8 != 0) {
+    return "head_dim must be a positive multiple of 8 no larger than the bucket " +
+           std::to_string(bucket) + " (pad it before the call), got " +
+           std::to_string(p.head_dim);
+  }
+  if (p.head_dim_padded != bucket) {
+    return "head_dim_padded " + std::to_string(p.head_dim_padded) + " does not match bucket " +
+           std::to_string(bucket);
+  }
+  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) {
+    return "heads (" + std::to_string(p.heads) + ") must be a multiple of kv_heads (" +
+           std::to_string(p.kv_heads) + ")";
+  }
+  if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0) return "negative size";
+  if (p.heads > 65535 || p.batch > 65535) {
+    return "heads and batch must each be at most 65535 (grid limits)";
+  }
+  if (p.seqlen_q >= (1 << 29) || p.seqlen_k >= (1 << 29)) return "sequence longer than 2^29";
+  if (p.lse == nullptr || p.softmax_d == nullptr) return "lse and softmax_d must be given";
+  if (!p.deterministic && (p.dq_accum == nullptr || !aligned16(p.dq_accum))) {
+    return "dq_accum must be a 16-byte aligned buffer";
+  }
+  const std::string layout_checks[] = {
+      check_layout("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.batch,
+                   p.seqlen_q, p.heads),
+      check_layout("k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.batch,
+                   p.seqlen_k, p.kv_heads),
+      check_layout("v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.batch,
+                   p.seqlen_k, p.kv_heads),
+      check_layout("out", p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.batch,
+                   p.seqlen_q, p.heads),
+      check_layout("dout", p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, p.batch,
+                   p.seqlen_q, p.heads),
+      check_layout("dq", p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, p.batch,
+                   p.seqlen_q, p.heads),
+      check_layout("dk", p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, p.batch,
+                   p.seqlen_k, p.heads),
+      check_layout("dv", p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, p.batch,
+                   p.seqlen_k, p.heads),
+  };
+  for (const std::string& check : layout_checks) {
+    if (!check.empty()) return check;
+  }
+  return "";
+}
+
+template <typename Kernel>
+std::string launch(Kernel kernel, const char* name, dim3 grid, int smem_bytes, int smem_limit,
+                   cudaStream_t stream, const BwdParams& params) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return "";
+  if (smem_bytes > smem_limit) {
+    return std::string(name) + " needs " + std::to_string(smem_bytes) +
+           " bytes of shared memory, the device allows " + std::to_string(smem_limit);
+  }
+  if (smem_bytes > 48 * 1024) {
+    cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (status != cudaSuccess) {
+      return std::string(name) + ": cudaFuncSetAttribute: " + cudaGetErrorString(status);
+    }
+  }
+  kernel<<<grid, 256, smem_bytes, stream>>>(params);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return std::string(name) + ": " + cudaGetErrorString(status);
+  return "";
+}
+
+template <typename Kernel>
+std::string launch_row_kernel(Kernel kernel, const char* name, dim3 grid, cudaStream_t stream,
+                              const BwdParams& params, bool zero_dq_accum) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return "";
+  kernel<<<grid, 256, 0, stream>>>(params, zero_dq_accum);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return std::string(name) + ": " + cudaGetErrorString(status);
+  return "";
+}
+
+}  // namespace bwd
+
+template <typename Element, int kHeadDim>
+std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
+  using Traits = typename bwd::BwdConfig<Element, kHeadDim>::Traits;
+  using RowShape = bwd::RowVectorShape<kHeadDim>;
+  std::string error = bwd::check_params(params, kHeadDim);
+  if (!error.empty()) return "flash_jax backward: " + error;
+  if (params.batch == 0 || params.heads == 0) return "";
+  const int smem_limit = bwd::max_dynamic_smem_per_block(&error);
+  if (!error.empty()) return "flash_jax backward: " + error;
+
+  const unsigned heads = params.heads;
+  const unsigned batch = params.batch;
+  const int seqlen_q_padded = bwd::padded_seqlen_q(params.seqlen_q);
+  const bool softcap = params.softcap > 0.f;
+
+  // The deterministic dQ kernel writes dq itself; dq_accum is then unused and not zeroed.
+  error = bwd::launch_row_kernel(
+      bwd::preprocess_kernel<Element, kHeadDim>, "backward preprocess",
+      dim3(seqlen_q_padded / RowShape::kRowsPerBlock, heads, batch), stream, params,
+      /*zero_dq_accum=*/!params.deterministic);
+  if (!error.empty()) return "flash_jax " + error;
+
+  const dim3 key_grid((params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, heads, batch);
+  if (params.deterministic) {
+    error = softcap ? bwd::launch(bwd::dkdv_kernel<Traits, true, false>, "backward dK/dV",
+                                  key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params)
+                    : bwd::launch(bwd::dkdv_kernel<Traits, false, false>, "backward dK/dV",
+                                  key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params);
+    if (!error.empty()) return "flash_jax " + error;
+    const dim3 query_grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, heads, batch);
+    error = softcap ? bwd::launch(bwd::dq_kernel<Traits, true>, "backward deterministic dQ",
+                                  query_grid, Traits::kSmemBytesDq, smem_limit, stream, params)
+                    : bwd::launch(bwd::dq_kernel<Traits, false>, "backward deterministic dQ",
+                                  query_grid, Traits::kSmemBytesDq, smem_limit, stream, params);
+    return error.empty() ? "" : "flash_jax " + error;
+  }
+
+  error = softcap ? bwd::launch(bwd::dkdv_kernel<Traits, true, true>, "backward dK/dV/dQ",
+                                key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params)
+                  : bwd::launch(bwd::dkdv_kernel<Traits, false, true>, "backward dK/dV/dQ",
+                                key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params);
+  if (!error.empty()) return "flash_jax " + error;
+  const dim3 row_grid((params.seqlen_q + RowShape::kRowsPerBlock - 1) / RowShape::kRowsPerBlock,
+                      heads, batch);
+  if (row_grid.x == 0) return "";
+  bwd::convert_dq_kernel<Element, kHeadDim><<<row_grid, 256, 0, stream>>>(params);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    return std::string("flash_jax backward dQ conversion: ") + cudaGetErrorString(status);
+  }
+  return "";
+}
+
+}  // namespace flash_jax
