@@ -161,17 +161,34 @@ def attention_bwd(query, key, value, out, lse, dout, dlse, *optional, config: At
   problem = _Problem(query, key, config, optional)
   q = problem.heads_first(query)
   do = problem.heads_first(dout)
+  del out  # D = rowsum(dout * out) is recomputed as sum_j p_ij dp_ij, see below
   stats_shape = q.shape[:-1]
   lse = lse.reshape(stats_shape)
-  delta = (do * problem.heads_first(out)).sum(axis=-1) - dlse.reshape(stats_shape)
   finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
   bias_shape = problem.optional["bias"].shape if "bias" in problem.optional else None
+  xs = problem.scan_inputs(key, value)
 
-  def step(dq, block):
+  def probabilities(block):
     s, visible, softcap_tanh = problem.scores(q, block)
     p = jnp.where(visible, jnp.exp(s - finite_lse[..., None]), 0.0)
-    dv = jnp.einsum("bkgqc,bkgqd->bkcd", p, do, precision=_HIGHEST)
     dp = jnp.einsum("bkgqd,bkcd->bkgqc", do, block["value"], precision=_HIGHEST)
+    return p, dp, softcap_tanh
+
+  # D = sum_j p_ij dp_ij equals rowsum(dout * out) but rounds like dp itself, so dp - D cancels
+  # exactly where attention is one-hot (rowsum(dout * out) left float32 errors of 1e-6 there,
+  # above the naive reference's). One extra pass over the keys on CPU buys that.
+  def delta_step(delta, block):
+    p, dp, _ = probabilities(block)
+    return delta + (p * dp).sum(axis=-1), None
+
+  delta, _ = jax.lax.scan(delta_step, jnp.zeros(stats_shape, jnp.float32), xs)
+  delta = delta - dlse.reshape(stats_shape)
+
+  def step(dq, block):
+    p, dp, softcap_tanh = probabilities(block)
+    # Per query head first, then over the group: the order of the naive computation, whose
+    # float32 rounding the tests hold this implementation to.
+    dv = jnp.einsum("bkgqc,bkgqd->bkgcd", p, do, precision=_HIGHEST).sum(axis=2)
     ds = p * (dp - delta[..., None])
     outputs = {"key": None, "value": dv}
     if bias_shape is not None:
@@ -180,10 +197,10 @@ def attention_bwd(query, key, value, out, lse, dout, dlse, *optional, config: At
       ds = ds * (1.0 - softcap_tanh * softcap_tanh)
     ds = ds * config.softmax_scale
     dq = dq + jnp.einsum("bkgqc,bkcd->bkgqd", ds, block["key"], precision=_HIGHEST)
-    outputs["key"] = jnp.einsum("bkgqc,bkgqd->bkcd", ds, q, precision=_HIGHEST)
+    outputs["key"] = jnp.einsum("bkgqc,bkgqd->bkgcd", ds, q, precision=_HIGHEST).sum(axis=2)
     return dq, outputs
 
-  dq, blocks = jax.lax.scan(step, jnp.zeros_like(q), problem.scan_inputs(key, value))
+  dq, blocks = jax.lax.scan(step, jnp.zeros_like(q), xs)
 
   def unblock(x, like):
     x = x.transpose(1, 0, 3, 2, 4).reshape(problem.batch, problem.padded_k, problem.kv_heads, -1)
