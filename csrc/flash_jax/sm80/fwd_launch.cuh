@@ -1,0 +1,185 @@
+// Host launcher of the sm80 forward kernels: tile choice per head-dim bucket, argument checks,
+// split-KV and its combine.
+//
+// Split-KV heuristic (flash_jax/_cuda.py picks num_splits with this formula and sizes out_accum /
+// lse_accum for it; the kernels accept any num_splits >= 1):
+//   block_m      = 64                                    (query tile of the split kernels)
+//   block_n      = 256 if d_pad <= 64, 128 if d_pad <= 128, else 64
+//   work         = batch * heads * ceil(seqlen_q / block_m)        CTAs without splitting
+//   n_key_blocks = ceil(seqlen_k / block_n)
+//   num_sms      = multiprocessor count (132 on H100 SXM)
+//   if work >= 0.8 * num_sms or n_key_blocks < 2:  num_splits = 1
+//   else, over s = 1 .. min(128, num_sms, n_key_blocks), skipping s > 1 with
+//         ceil(n_key_blocks / s) == ceil(n_key_blocks / (s - 1))  (same split length, more combine):
+//         waves(s) = work * s / num_sms,  efficiency(s) = waves(s) / ceil(waves(s))
+//         num_splits = the smallest s with efficiency(s) >= 0.85 * max_s efficiency(s)
+// i.e. enough CTAs to fill about one wave of the GPU, without splits that leave a wave mostly
+// empty. Splitting pays only where work < num_sms: decoding (seqlen_q 1..64) at small
+// batch * heads with long keys.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <string>
+
+#include "flash_jax/launch.h"
+#include "flash_jax/sm80/fwd_kernel.cuh"
+
+namespace flash_jax {
+namespace sm80 {
+
+// Tiles per head-dim bucket for the main kernel (query block x key block, warps). Each warp owns
+// 16 * kBlockM / (16 * kNWarps) query rows; 32 rows per warp keeps the shared-memory bytes read
+// per MMA FLOP low enough for H100's mma.sync rate, and kBlockN is then bounded by registers
+// (fp32 scores 32 x kBlockN plus fp32 output 32 x d per warp within 255 registers/thread).
+// Split kernels use 64-row query tiles (decoding has few rows) and longer key tiles.
+template <typename Element, int kHeadDim>
+struct FwdConfig;
+
+template <typename Element>
+struct FwdConfig<Element, 32> {
+  using Main = FwdTraits<Element, 32, 128, 128, 4>;
+  using Split = FwdTraits<Element, 32, 64, 256, 4>;
+};
+template <typename Element>
+struct FwdConfig<Element, 64> {
+  using Main = FwdTraits<Element, 64, 128, 128, 4>;
+  using Split = FwdTraits<Element, 64, 64, 256, 4>;
+};
+template <typename Element>
+struct FwdConfig<Element, 96> {
+  using Main = FwdTraits<Element, 96, 128, 64, 4>;
+  using Split = FwdTraits<Element, 96, 64, 128, 4>;
+};
+template <typename Element>
+struct FwdConfig<Element, 128> {
+  using Main = FwdTraits<Element, 128, 128, 64, 4>;
+  using Split = FwdTraits<Element, 128, 64, 128, 4>;
+};
+// d >= 192: 32 rows x d of fp32 output per warp would not fit in registers; 8 warps of 16 rows.
+template <typename Element>
+struct FwdConfig<Element, 192> {
+  using Main = FwdTraits<Element, 192, 128, 64, 8>;
+  using Split = FwdTraits<Element, 192, 64, 64, 4>;
+};
+template <typename Element>
+struct FwdConfig<Element, 256> {
+  using Main = FwdTraits<Element, 256, 128, 64, 8>;
+  using Split = FwdTraits<Element, 256, 64, 64, 4>;
+};
+
+inline std::string cuda_error_message(const char* what, cudaError_t error) {
+  return std::string("flash_jax forward: ") + what + ": " + cudaGetErrorString(error);
+}
+
+// Raises the kernel's dynamic shared-memory limit once per device (the attribute is per device
+// context; doing it on every call would cost a driver round trip per launch).
+template <typename Kernel>
+cudaError_t raise_smem_limit(Kernel kernel, int bytes, std::atomic<bool>* done_per_device,
+                             int max_devices) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  if (device < max_devices && done_per_device[device].load(std::memory_order_acquire)) {
+    return cudaSuccess;
+  }
+  error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (error == cudaSuccess && device < max_devices) {
+    done_per_device[device].store(true, std::memory_order_release);
+  }
+  return error;
+}
+
+template <typename Traits, bool kSplit>
+std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
+  auto kernel = fwd_kernel<Traits, kSplit>;
+  cudaError_t error = raise_smem_limit(kernel, Traits::kSmemBytes, smem_limit_raised, kMaxDevices);
+  if (error != cudaSuccess) return cuda_error_message("raising the shared-memory limit", error);
+  const int num_splits = kSplit ? params.num_splits : 1;
+  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads,
+                  params.batch * num_splits);
+  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+  error = cudaGetLastError();
+  if (error != cudaSuccess) return cuda_error_message("kernel launch", error);
+  return "";
+}
+
+template <typename Element, int kHeadDim>
+std::string launch_fwd_combine(const FwdParams& params, cudaStream_t stream) {
+  constexpr int kWarps = 4;
+  const int64_t rows = static_cast<int64_t>(params.batch) * params.heads * params.seqlen_q;
+  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+  if (blocks > 0x7fffffff) return "flash_jax forward: too many rows for the split-KV combine";
+  fwd_combine_kernel<Element, kHeadDim, kWarps>
+      <<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(params);
+  cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return cuda_error_message("combine kernel launch", error);
+  return "";
+}
+
+inline bool aligned_16(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
+}
+
+constexpr int64_t kMaxRowStride = (int64_t{1} << 31) / 256 - 256;
+
+// Requirements of 16-byte vector loads and stores, of 32-bit in-tile offsets and of the grid.
+inline std::string check_fwd_params(const FwdParams& p, int head_dim_bucket) {
+  auto fail = [](const std::string& what) { return "flash_jax forward: " + what; };
+  if (p.head_dim <= 0 || p.head_dim > head_dim_bucket) {
+    return fail("head_dim " + std::to_string(p.head_dim) + " not in (0, " +
+                std::to_string(head_dim_bucket) + "]");
+  }
+  if (p.head_dim % 8 != 0) {
+    return fail("head_dim must be a multiple of 8 (16-byte vector loads), got " +
+                std::to_string(p.head_dim) + "; pad it with zeros");
+  }
+  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) {
+    return fail("heads " + std::to_string(p.heads) + " not divisible by kv_heads " +
+                std::to_string(p.kv_heads));
+  }
+  const int64_t strides[] = {p.q_batch_stride, p.q_row_stride, p.q_head_stride,
+                             p.k_batch_stride, p.k_row_stride, p.k_head_stride,
+                             p.v_batch_stride, p.v_row_stride, p.v_head_stride,
+                             p.o_batch_stride, p.o_row_stride, p.o_head_stride};
+  for (int64_t stride : strides) {
+    if (stride % 8 != 0) return fail("strides must be multiples of 8 elements (16 bytes)");
+  }
+  // Offsets inside one tile (at most 256 rows) are 32-bit.
+  for (int64_t row_stride : {p.q_row_stride, p.k_row_stride, p.v_row_stride, p.o_row_stride}) {
+    if (row_stride < 0 || row_stride > kMaxRowStride) {
+      return fail("row strides must lie in [0, " + std::to_string(kMaxRowStride) + "] elements");
+    }
+  }
+  if (!aligned_16(p.q) || !aligned_16(p.k) || !aligned_16(p.v) || !aligned_16(p.out)) {
+    return fail("q, k, v and out must be 16-byte aligned");
+  }
+  if (p.num_splits < 1) return fail("num_splits must be >= 1, got " + std::to_string(p.num_splits));
+  if (p.num_splits > 1 && (p.out_accum == nullptr || p.lse_accum == nullptr)) {
+    return fail("num_splits > 1 needs out_accum and lse_accum");
+  }
+  if (p.heads > 65535 || static_cast<int64_t>(p.batch) * p.num_splits > 65535) {
+    return fail("grid too large: heads <= 65535 and batch * num_splits <= 65535 required");
+  }
+  return "";
+}
+
+}  // namespace sm80
+
+template <typename Element, int kHeadDim>
+std::string launch_fwd(const FwdParams& params, cudaStream_t stream) {
+  if (params.batch == 0 || params.heads == 0 || params.seqlen_q == 0) return "";
+  std::string error = sm80::check_fwd_params(params, kHeadDim);
+  if (!error.empty()) return error;
+  using Config = sm80::FwdConfig<Element, kHeadDim>;
+  if (params.num_splits == 1) return sm80::launch_fwd_kernel<typename Config::Main, false>(params, stream);
+  error = sm80::launch_fwd_kernel<typename Config::Split, true>(params, stream);
+  if (!error.empty()) return error;
+  return sm80::launch_fwd_combine<Element, kHeadDim>(params, stream);
+}
+
+}  // namespace flash_jax
