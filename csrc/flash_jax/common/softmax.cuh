@@ -28,11 +28,21 @@ struct OnlineSoftmax {
   float row_max[kRows];
   float row_sum[kRows];
 
+  // Call before the first tile: max -inf, sum 0 (the first update's rescale then multiplies the
+  // still-zero output by exp2(-inf) = 0).
+  __device__ void init() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+  }
+
   // scores: (kRows, N) view of one key tile's raw scores (masked entries -inf). On return it holds
   // the unnormalised probabilities exp2((s - max) * scale_log2) under the updated running max,
-  // and acc_o's rows (view (kRows, D)) are rescaled to that max. kFirst: the first tile visited.
-  // A row whose running max is still -inf uses 0 as its max, so it yields p = 0, never NaN.
-  template <bool kFirst, typename ScoresRowCol, typename AccRowCol>
+  // and acc_o's rows (view (kRows, D)) are rescaled to that max. A row whose running max is
+  // still -inf uses 0 as its max, so it yields p = 0, never NaN.
+  template <typename ScoresRowCol, typename AccRowCol>
   __device__ void update(ScoresRowCol& scores, AccRowCol& acc_o, float scale_log2) {
     static_assert(decltype(cute::size<0>(scores))::value == kRows, "row count mismatch");
 #pragma unroll
@@ -41,16 +51,13 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int c = 0; c < cute::size<1>(scores); ++c) tile_max = fmaxf(tile_max, scores(r, c));
       tile_max = lanes_max<kThreadsPerRow>(tile_max);
-      float previous_max = kFirst ? -INFINITY : row_max[r];
+      float previous_max = row_max[r];
       float new_max = fmaxf(previous_max, tile_max);
       row_max[r] = new_max;
       float max_scaled = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      if (!kFirst) {
-        float correction = fast_exp2(previous_max * scale_log2 - max_scaled);
-        row_sum[r] *= correction;
+      float correction = fast_exp2(previous_max * scale_log2 - max_scaled);
 #pragma unroll
-        for (int c = 0; c < cute::size<1>(acc_o); ++c) acc_o(r, c) *= correction;
-      }
+      for (int c = 0; c < cute::size<1>(acc_o); ++c) acc_o(r, c) *= correction;
       float tile_sum = 0.f;
 #pragma unroll
       for (int c = 0; c < cute::size<1>(scores); ++c) {
@@ -58,7 +65,7 @@ struct OnlineSoftmax {
         scores(r, c) = p;
         tile_sum += p;
       }
-      row_sum[r] = kFirst ? tile_sum : row_sum[r] + tile_sum;
+      row_sum[r] = row_sum[r] * correction + tile_sum;
     }
   }
 
