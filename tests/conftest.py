@@ -1,6 +1,12 @@
 import os
 
-import pytest
+# Sharding tests need several devices; on CPU they are forced host devices, which must be set
+# before JAX initialises its backends (this file is imported before any test module).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
 
 
 def pytest_addoption(parser):
