@@ -70,7 +70,7 @@ def _require_kernels():
         f"flash_jax was installed without its CUDA kernels ({_EXTENSION_ERROR}), but this "
         "process has CUDA devices. Rebuild it with the CUDA toolkit (nvcc) available: "
         "`FLASH_JAX_BUILD_CUDA=1 pip install --force-reinstall --no-deps <path to flash_jax>`; "
-        "see the README for FLASH_JAX_CUDA_ARCHS and MAX_JOBS.")
+        "see docs/building.md for FLASH_JAX_CUDA_ARCHS and MAX_JOBS.")
 
 
 def _check_supported(query, config: AttentionConfig):
