@@ -27,6 +27,10 @@ BWD_TARGET = "flash_jax_attention_bwd_cuda"
 _HEAD_DIM_BUCKETS = (32, 64, 96, 128, 192, 256)
 _BWD_SEQLEN_Q_PAD_MULTIPLE = 128
 _HEAD_DIM_ALIGNMENT = 8
+# Launch limits of the kernels (csrc/flash_jax/sm80/*_launch.cuh): batch and heads index CUDA grid
+# dimensions y/z, and the mask arithmetic keeps sequence positions below 2^29 in int32.
+_MAX_GRID_DIM = 65535
+_MAX_SEQLEN = (1 << 29) - 1
 
 # Split-KV heuristic of the forward, as documented at the top of csrc/flash_jax/sm80/fwd_launch.cuh
 # (the kernels accept any num_splits >= 1; this picks one and sizes the workspace for it).
@@ -73,8 +77,17 @@ def _require_kernels():
         "see docs/building.md for FLASH_JAX_CUDA_ARCHS and MAX_JOBS.")
 
 
-def _check_supported(query, config: AttentionConfig):
+def _check_supported(query, key, config: AttentionConfig):
   """Valid input the kernels do not handle yet: refused at lowering, never silently replaced."""
+  batch, seq_q, heads, _ = query.shape
+  for what, value, limit in (("batch size", batch, _MAX_GRID_DIM),
+                             ("query heads", heads, _MAX_GRID_DIM),
+                             ("query sequence length", seq_q, _MAX_SEQLEN),
+                             ("key sequence length", key.shape[1], _MAX_SEQLEN)):
+    if value > limit:
+      raise NotImplementedError(
+          f"flash_jax on GPU: the {what} must be at most {limit} for the CUDA kernels (vmapped "
+          f"axes count into the batch), got {value}")
   dtype = jnp.dtype(query.dtype)
   if dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
     raise NotImplementedError(
@@ -151,7 +164,7 @@ def _common_attributes(config: AttentionConfig) -> dict:
 def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
   """(out, lse) from the forward kernel; the split-KV workspace outputs are dropped."""
   del optional  # refused by _check_supported until the kernels take them
-  _check_supported(query, config)
+  _check_supported(query, key, config)
   batch, seq_q, heads, head_dim = query.shape
   seq_k = key.shape[1]
   aligned = _aligned_head_dim(head_dim)
@@ -177,7 +190,7 @@ def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
 def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: AttentionConfig):
   """(dq, dk, dv) from the backward kernel; for GQA the per-query-head dk/dv are summed here."""
   del optional  # refused by _check_supported until the kernels take them
-  _check_supported(query, config)
+  _check_supported(query, key, config)
   batch, seq_q, heads, head_dim = query.shape
   seq_k, kv_heads = key.shape[1], key.shape[2]
   aligned = _aligned_head_dim(head_dim)

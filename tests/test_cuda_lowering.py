@@ -231,3 +231,22 @@ def test_missing_kernels_with_cuda_devices_is_an_error(monkeypatch):
 ])
 def test_num_splits_heuristic(batch, heads, seq_q, seq_k, head_dim_padded, expected):
   assert _cuda.num_splits(batch, heads, seq_q, seq_k, head_dim_padded, num_sms=132) == expected
+
+
+@pytest.mark.parametrize("q_shape, kv_shape, what", [
+    ((65536, 4, 1, 64), (65536, 4, 1, 64), "batch size must be at most 65535"),
+    ((1, 4, 65536, 8), (1, 4, 1, 8), "query heads must be at most 65535"),
+    ((1, 1 << 29, 1, 8), (1, 4, 1, 8), "query sequence length must be at most 536870911"),
+    ((1, 4, 1, 8), (1, 1 << 29, 1, 8), "key sequence length must be at most 536870911"),
+])
+def test_kernel_launch_limits_are_refused_at_lowering(q_shape, kv_shape, what):
+  fn = lambda q, k, v: flash_jax.attention(q, k, v)
+  with pytest.raises(NotImplementedError, match=what):
+    _lower_for_cuda(fn, _spec(q_shape), _spec(kv_shape), _spec(kv_shape))
+
+
+def test_vmapped_axes_count_into_the_batch_limit():
+  fn = jax.vmap(lambda q, k, v: flash_jax.attention(q, k, v))
+  spec = _spec((2, 40000, 4, 1, 64))
+  with pytest.raises(NotImplementedError, match="batch size must be at most 65535.*got 80000"):
+    _lower_for_cuda(fn, spec, spec, spec)
