@@ -85,6 +85,7 @@ attention_bwd_p.def_impl(lambda *args, config: _jitted_bind(attention_bwd_p, con
 
 
 # --- batching: fold the vmapped axis into the batch axis -----------------------------------------
+# Batching rules receive None as the dimension of an unmapped operand.
 
 
 def _fold(args, dims, names, axis_size):
@@ -95,14 +96,14 @@ def _fold(args, dims, names, axis_size):
   """
   batch = None
   for x, d in zip(args[:3], dims[:3]):
-    if d is not batching.not_mapped:
+    if d is not None:
       batch = jnp.moveaxis(x, d, 0).shape[1]
       break
   if batch is None:
     batch = args[0].shape[0]
   folded = []
   for x, d, name in zip(args, dims, names):
-    if d is batching.not_mapped:
+    if d is None:
       if name in _BROADCASTABLE and x.shape[0] == 1:
         folded.append(x)
         continue
@@ -120,7 +121,7 @@ def _unfold(x, axis_size):
 
 
 def _fwd_batch(args, dims, *, config):
-  axis_size = next(x.shape[d] for x, d in zip(args, dims) if d is not batching.not_mapped)
+  axis_size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
   names = (None,) * 3 + config.operands
   folded, _ = _fold(args, dims, names, axis_size)
   outs = attention_fwd_p.bind(*folded, config=config)
@@ -128,7 +129,7 @@ def _fwd_batch(args, dims, *, config):
 
 
 def _bwd_batch(args, dims, *, config):
-  axis_size = next(x.shape[d] for x, d in zip(args, dims) if d is not batching.not_mapped)
+  axis_size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
   names = (None,) * 7 + config.operands
   bias_index = 7 + config.operands.index("bias") if "bias" in config.operands else None
   # The bias gradient is per example, so even an unmapped broadcast bias is expanded here and
@@ -136,7 +137,7 @@ def _bwd_batch(args, dims, *, config):
   bias_batch = None
   if bias_index is not None:
     bias, bias_dim = args[bias_index], dims[bias_index]
-    bias_batch = bias.shape[0] if bias_dim is batching.not_mapped else jnp.moveaxis(
+    bias_batch = bias.shape[0] if bias_dim is None else jnp.moveaxis(
         bias, bias_dim, 0).shape[1]
     names = names[:bias_index] + ("bias_gradient",) + names[bias_index + 1:]
   folded, _ = _fold(args, dims, names, axis_size)
