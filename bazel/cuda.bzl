@@ -1,0 +1,64 @@
+"""nvcc as Bazel actions: one object per .cu (compiled in parallel, cached by Bazel), archived
+into a static library. Flags follow setup.py's NVCC_FLAGS."""
+
+load("@flash_jax_deps//:config.bzl", "CUDA_ARCHS", "CUTLASS_INCLUDE")
+
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-DNDEBUG",
+    "--use_fast_math",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+    "-Xptxas=--warn-on-spills",
+    "-Xcompiler",
+    "-fPIC",
+    "-Xcompiler",
+    "-fvisibility=hidden",
+]
+
+def _gencode_flags(archs):
+    flags = ["-gencode=arch=compute_%s,code=sm_%s" % (a, a) for a in archs]
+
+    # PTX of the highest architecture lets newer GPUs JIT-compile the kernels.
+    highest = archs[0]
+    for a in archs:
+        if int(a.rstrip("af")) > int(highest.rstrip("af")):
+            highest = a
+    return flags + ["-gencode=arch=compute_%s,code=compute_%s" % (highest, highest)]
+
+def cuda_static_library(name, srcs, hdrs, include_dir, deps = []):
+    """Compiles each of srcs with nvcc and archives the objects as lib<name>.a; `name` is a
+    cc_library of that archive and `deps` (e.g. the CUDA runtime it calls)."""
+    flags = " ".join(NVCC_FLAGS + _gencode_flags(CUDA_ARCHS) + [
+        "-I" + include_dir,
+        "-isystem=" + CUTLASS_INCLUDE,
+    ])
+    objects = []
+    for src in srcs:
+        obj = name + "_objs/" + src.replace("/", "__").replace(".cu", ".o")
+        native.genrule(
+            name = obj.replace("/", "_") + "_compile",
+            srcs = [src] + hdrs,
+            outs = [obj],
+            tools = ["@flash_jax_deps//:nvcc"],
+            cmd = "$(location @flash_jax_deps//:nvcc) %s -c $(location %s) -o $@" % (flags, src),
+            message = "nvcc " + src,
+        )
+        objects.append(obj)
+    native.genrule(
+        name = name + "_archive",
+        srcs = objects,
+        outs = ["lib%s.a" % name],
+        cmd = "rm -f $@ && ar rcs $@ $(SRCS)",
+    )
+    native.cc_import(
+        name = name + "_import",
+        static_library = "lib%s.a" % name,
+    )
+
+    # A library rather than the bare import, so the linker sees the archive before `deps`.
+    native.cc_library(
+        name = name,
+        deps = [name + "_import"] + deps,
+    )
