@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include <cute/tensor.hpp>
 
 namespace flash_jax {
@@ -73,6 +75,14 @@ __device__ __forceinline__ void store_tile(const TiledCopy& tiled_copy, const Sr
       }
     }
   }
+}
+
+// 4-byte asynchronous global -> shared copy (per-row statistics), completed by the same
+// cp.async group as the tile it belongs to.
+__device__ __forceinline__ void cp_async_f32(float* smem, const float* gmem) {
+  const uint32_t smem_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_address), "l"(gmem)
+               : "memory");
 }
 
 // dq_accum[address .. address + 1] += (a, b) in fp32, without a return value. Hopper has a

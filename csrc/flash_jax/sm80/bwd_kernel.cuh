@@ -125,9 +125,14 @@ __global__ void __launch_bounds__(256) convert_dq_kernel(const __grid_constant__
 // ---------------------------------------------------------------------------------------------
 // Per-tile pieces shared by dkdv_kernel and dq_kernel.
 
+// lse of one row as the offset of its exp2: rows past seqlen_q and fully masked rows (lse =
+// -inf) get +inf so that their probabilities are exactly 0.
+__device__ __forceinline__ float lse_to_exp2_offset(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
 // lse (as an exp2 offset) and D for the kRows accumulator rows this thread owns in a query block
-// starting at row_begin. Rows past seqlen_q and fully masked rows (lse = -inf) get +inf so that
-// their probabilities are exactly 0.
+// starting at row_begin, read from global memory.
 template <int kRows, typename RowColCoords>
 __device__ __forceinline__ void load_row_stats(const float* lse, const float* softmax_d,
                                                int seqlen_q, int row_begin,
@@ -136,55 +141,54 @@ __device__ __forceinline__ void load_row_stats(const float* lse, const float* so
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int row = row_begin + static_cast<int>(get<0>(coords(r, 0)));
-    const float row_lse = row < seqlen_q ? lse[row] : -INFINITY;
-    lse_log2[r] = row_lse == -INFINITY ? INFINITY : row_lse * kLog2e;
+    lse_log2[r] = lse_to_exp2_offset(row < seqlen_q ? lse[row] : -INFINITY);
     row_d[r] = softmax_d[row];  // softmax_d has padded rows (zeros) past seqlen_q
   }
 }
 
-// Raw scores q.k -> probabilities in place. With softcap also saves d tanh / d x = 1 - t^2 for
-// the backward through the cap, taken before masking so that masked entries keep a finite
-// factor (their probability is 0).
-template <bool kSoftcap, int kRows, typename AccS, typename Dtanh, typename Coords>
-__device__ __forceinline__ void scores_to_probs(AccS& acc_s, Dtanh& dtanh, const Coords& coords,
-                                                const KeyRangeMask& mask, const Softcap& softcap,
-                                                float scale_log2, const float (&lse_log2)[kRows],
-                                                int row_begin, int row_end, int col_begin,
-                                                int col_block) {
-  if constexpr (kSoftcap) {
-    softcap.apply(acc_s);
+// The same from a block's lse and D staged in shared memory (rows past seqlen_q hold -inf).
+template <int kRows, typename RowColCoords>
+__device__ __forceinline__ void row_stats_from_smem(const float* smem_lse, const float* smem_d,
+                                                    const RowColCoords& coords,
+                                                    float (&lse_log2)[kRows],
+                                                    float (&row_d)[kRows]) {
 #pragma unroll
-    for (int i = 0; i < size(acc_s); ++i) dtanh(i) = 1.f - acc_s(i) * acc_s(i);
+  for (int r = 0; r < kRows; ++r) {
+    const int row = static_cast<int>(get<0>(coords(r, 0)));
+    lse_log2[r] = lse_to_exp2_offset(smem_lse[row]);
+    row_d[r] = smem_d[row];
   }
+}
+
+// From the raw scores S = q.k (acc_s) and dP = dO V^T (acc_dp) of one tile, in place:
+// acc_s <- P = exp2(logit * log2e - lse * log2e) and acc_dp <- dS = P * (dP - D), the gradient
+// w.r.t. the logit times d logit / d(q.k) / softmax_scale (the softmax_scale factor is applied
+// once to dK and dQ at the end). With softcap the logit is softcap * t, t = tanh(q.k * scale /
+// softcap), and the extra factor is 1 - t^2; masked entries (t = -inf, P = 0) clamp it to 0 so
+// that 0 * inf never appears.
+template <bool kSoftcap, int kRows, typename AccS, typename AccDp, typename Coords>
+__device__ __forceinline__ void probs_and_dscores(AccS& acc_s, AccDp& acc_dp, const Coords& coords,
+                                                  const KeyRangeMask& mask,
+                                                  const Softcap& softcap, float scale_log2,
+                                                  const float (&lse_log2)[kRows],
+                                                  const float (&row_d)[kRows], int row_begin,
+                                                  int row_end, int col_begin, int col_block) {
+  if constexpr (kSoftcap) softcap.apply(acc_s);
   if (!mask.tile_fully_allowed(row_begin, row_end, col_begin, col_begin + col_block)) {
     mask.apply(acc_s, coords, row_begin, col_begin);
   }
   Tensor scores = accum_rowcol(acc_s);
+  Tensor dscores = accum_rowcol(acc_dp);
 #pragma unroll
   for (int r = 0; r < size<0>(scores); ++r) {
 #pragma unroll
     for (int c = 0; c < size<1>(scores); ++c) {
-      scores(r, c) = fast_exp2(scores(r, c) * scale_log2 - lse_log2[r]);
-    }
-  }
-}
-
-// dP -> dS = P * (dP - D) in place (times d tanh with softcap); the softmax_scale factor of
-// d logit / d(q.k) is applied once to dK and dQ at the end.
-template <bool kSoftcap, int kRows, typename AccDp, typename AccP, typename Dtanh>
-__device__ __forceinline__ void dprobs_to_dscores(AccDp& acc_dp, const AccP& acc_p,
-                                                  const Dtanh& dtanh,
-                                                  const float (&row_d)[kRows]) {
-  Tensor dp = accum_rowcol(acc_dp);
-  Tensor p = make_tensor(acc_p.data(), accum_rowcol_layout(acc_p.layout()));
-  Tensor dt = make_tensor(dtanh.data(), accum_rowcol_layout(dtanh.layout()));
-#pragma unroll
-  for (int r = 0; r < size<0>(dp); ++r) {
-#pragma unroll
-    for (int c = 0; c < size<1>(dp); ++c) {
-      float ds = p(r, c) * (dp(r, c) - row_d[r]);
-      if constexpr (kSoftcap) ds *= dt(r, c);
-      dp(r, c) = ds;
+      const float score = scores(r, c);
+      const float p = fast_exp2(score * scale_log2 - lse_log2[r]);
+      float ds = p * (dscores(r, c) - row_d[r]);
+      if constexpr (kSoftcap) ds *= fmaxf(1.f - score * score, 0.f);
+      scores(r, c) = p;
+      dscores(r, c) = ds;
     }
   }
 }
@@ -264,6 +268,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Element* smem_v = smem_k + Traits::kKVTileElems;
   Element* smem_p = smem_v + Traits::kKVTileElems;
   Element* smem_ds = smem_p + Traits::kPdSTileElems;
+  float* smem_lse = reinterpret_cast<float*>(smem_ds + Traits::kPdSTileElems);  // 2 stages
+  float* smem_d = smem_lse + 2 * kBlockM;                                         // 2 stages
 
   using SmemLayoutQ = typename Traits::SmemLayoutQ;
   using SmemLayoutQt = typename Traits::SmemLayoutQt;
@@ -302,6 +308,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                     tQcQ, rows, params.head_dim);
     load_tile_async(gmem_tiled_copy, tdOgdO(_, _, _, m_block),
                     gmem_thr_copy.partition_D(sdO(stage)), tQcQ, rows, params.head_dim);
+    if (tid < kBlockM) {
+      const int row = m_block * kBlockM + tid;
+      cp_async_f32(smem_d + stage * kBlockM + tid, softmax_d + row);  // padded: always in bounds
+      if (row < seqlen_q) {
+        cp_async_f32(smem_lse + stage * kBlockM + tid, lse + row);
+      } else {
+        smem_lse[stage * kBlockM + tid] = -INFINITY;
+      }
+    }
   };
 
   // Products and their shared -> register copies.
@@ -383,9 +398,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int m_block = m_block_begin; m_block < m_block_end; ++m_block) {
     const int stage = (m_block - m_block_begin) & 1;
     const int row_begin = m_block * kBlockM;
-    float lse_log2[kRows];
-    float row_d[kRows];
-    load_row_stats(lse, softmax_d, seqlen_q, row_begin, coords_s_rowcol, lse_log2, row_d);
 
     // The current stage has landed, and every thread is done with the previous iteration's
     // buffers (the other stage, P, dS).
@@ -396,25 +408,29 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       cp_async_fence();
     }
 
-    Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_s);
-    gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, smem_thr_copy_a_sdp.partition_S(sQ(stage)), tSsK,
-              smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
-              smem_thr_copy_b_sdp);
-    Tensor dtanh = make_tensor<float>(acc_s.layout());  // only live with softcap
-    scores_to_probs<kSoftcap>(acc_s, dtanh, coords_s, mask, softcap, scale_log2, lse_log2,
-                              row_begin, min(row_begin + kBlockM, seqlen_q), key_begin, kBlockN);
-
+    // dP before S: the probabilities and dS are then formed in one pass with nothing but the
+    // two accumulators live (no saved softcap derivative, no lse/D registers across products).
     Tensor acc_dp = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
     gemm_smem(tiled_mma_sdp, acc_dp, tdPrdO, tdPrV, smem_thr_copy_a_sdp.partition_S(sdO(stage)),
               tdPsV, smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
               smem_thr_copy_b_sdp);
+    Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, smem_thr_copy_a_sdp.partition_S(sQ(stage)), tSsK,
+              smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
+              smem_thr_copy_b_sdp);
+    float lse_log2[kRows];
+    float row_d[kRows];
+    row_stats_from_smem(smem_lse + stage * kBlockM, smem_d + stage * kBlockM, coords_s_rowcol,
+                        lse_log2, row_d);
+    probs_and_dscores<kSoftcap>(acc_s, acc_dp, coords_s, mask, softcap, scale_log2, lse_log2,
+                                row_d, row_begin, min(row_begin + kBlockM, seqlen_q), key_begin,
+                                kBlockN);
 
     Tensor p_elem = make_tensor<Element>(acc_s.layout());
     convert_fragment(acc_s, p_elem);
     copy(smem_tiled_copy_pds, smem_thr_copy_pds.retile_S(p_elem), tPsP);
-    dprobs_to_dscores<kSoftcap>(acc_dp, acc_s, dtanh, row_d);
     Tensor ds_elem = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, ds_elem);
     copy(smem_tiled_copy_pds, smem_thr_copy_pds.retile_S(ds_elem), tdSsdS);
@@ -630,21 +646,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       cp_async_fence();
     }
 
-    Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_s);
-    gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, tSsQ, smem_thr_copy_b_sdp.partition_S(sK(stage)),
-              smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
-              smem_thr_copy_b_sdp);
-    Tensor dtanh = make_tensor<float>(acc_s.layout());  // only live with softcap
-    scores_to_probs<kSoftcap>(acc_s, dtanh, coords_s, mask, softcap, scale_log2, lse_log2,
-                              row_begin, row_end, key_begin, kBlockN);
-
     Tensor acc_dp = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
     gemm_smem(tiled_mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO,
               smem_thr_copy_b_sdp.partition_S(sV(stage)), smem_tiled_copy_a_sdp,
               smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp, smem_thr_copy_b_sdp);
-    dprobs_to_dscores<kSoftcap>(acc_dp, acc_s, dtanh, row_d);
+    Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, tSsQ, smem_thr_copy_b_sdp.partition_S(sK(stage)),
+              smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
+              smem_thr_copy_b_sdp);
+    probs_and_dscores<kSoftcap>(acc_s, acc_dp, coords_s, mask, softcap, scale_log2, lse_log2,
+                                row_d, row_begin, row_end, key_begin, kBlockN);
     Tensor ds_elem = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, ds_elem);
     copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(ds_elem), tdSsdS);

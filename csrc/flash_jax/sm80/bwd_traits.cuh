@@ -103,8 +103,10 @@ struct BwdTraits {
   // dK/dV kernel: Q and dO double-buffered (the next query block streams in during the five
   // products of the current one), K, V, P, dS single. The dK/dV epilogue reuses the Q and dO
   // buffers, hence 2 * kBlockM >= kBlockN.
+  // Plus lse and D of the query block, double-buffered with Q and dO.
   static constexpr int kSmemBytesDkDv =
-      (4 * kQTileElems + 2 * kKVTileElems + 2 * kPdSTileElems) * int(sizeof(Element));
+      (4 * kQTileElems + 2 * kKVTileElems + 2 * kPdSTileElems) * int(sizeof(Element)) +
+      4 * kBlockM * int(sizeof(float));
   static_assert(2 * kBlockM >= kBlockN, "dK/dV staging reuses the Q and dO stages");
   // Deterministic dQ kernel: Q, dO and dS single, K and V double-buffered.
   static constexpr int kSmemBytesDq =
@@ -124,11 +126,12 @@ template <typename Element>
 struct BwdConfig<Element, 32> {
   using Traits = BwdTraits<Element, 32, 128, 128, 4, 4, 4>;
 };
-// 128 x 128: dK, dV 32 + S, dP 64 + dQ 32 registers a thread; a 64-row query block would double
-// the dQ atomics per flop. 160 KB smem.
+// 64 x 128: dK, dV 32 + 32, S, dP 32 + 32, dQ 16 registers a thread. 128 x 128 (S, dP 64 + 64)
+// spills; the query block size does not change the number of dQ reductions (one per query row,
+// head-dim column and key block), only the per-block overhead. 128 KB smem.
 template <typename Element>
 struct BwdConfig<Element, 64> {
-  using Traits = BwdTraits<Element, 64, 128, 128, 2, 4, 4>;
+  using Traits = BwdTraits<Element, 64, 64, 128, 2, 4, 4>;
 };
 // 64 x 128: dK, dV 48 + 48 registers; dQ warps 4 x 2 because 96 is not a multiple of 64.
 // 128 KB smem.
