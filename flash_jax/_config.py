@@ -11,6 +11,9 @@ import dataclasses
 # Optional array operands, in the order they follow (query, key, value) when present. After
 # normalisation by the API each has a leading batch axis of size `batch` or 1 (broadcast):
 #   q_segment_ids int32 [b, sq]     kv_segment_ids int32 [b, sk]
+#   q_positions   int32 [b, sq]     kv_positions   int32 [b, sk]   (given together: they replace
+#                 the aligned diagonal; causal, window and ALiBi compare kv_pos - q_pos with 0,
+#                 e.g. positions counted from each packed sequence's end for varlen)
 #   q_lengths     int32 [b]         kv_lengths     int32 [b]
 #   mask          bool  [b|1, h|1, sq|1, sk|1]
 #   bias          float [b|1, h|1, sq|1, sk|1]  (differentiable)
@@ -19,6 +22,8 @@ import dataclasses
 OPTIONAL_OPERANDS = (
     "q_segment_ids",
     "kv_segment_ids",
+    "q_positions",
+    "kv_positions",
     "q_lengths",
     "kv_lengths",
     "mask",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flash_jax import _dropout
 from flash_jax._config import AttentionConfig
 
 # Elements of one score tile [batch, heads, seq_q, block]: 4M float32 values (16 MiB) keeps the
@@ -77,13 +78,25 @@ class _Problem:
         "value": self.key_blocks(value),
         "start": jnp.arange(self.num_blocks, dtype=jnp.int32) * self.block,
     }
-    if "kv_segment_ids" in self.optional:
-      ids = jnp.pad(self.optional["kv_segment_ids"], ((0, 0), (0, self.padded_k - self.seq_k)))
-      xs["kv_segment_ids"] = ids.reshape(self.batch, self.num_blocks, self.block).transpose(1, 0, 2)
+    for name in ("kv_segment_ids", "kv_positions"):
+      if name in self.optional:
+        ids = jnp.pad(self.optional[name], ((0, 0), (0, self.padded_k - self.seq_k)))
+        xs[name] = ids.reshape(self.batch, self.num_blocks, self.block).transpose(1, 0, 2)
     for name in ("mask", "bias"):
       if name in self.optional:
         xs[name] = self.dense_blocks(self.optional[name])
     return xs
+
+  def dropout_scale(self, block):
+    """Kept entries' factor 1/(1-rate), dropped 0: [b, kv_h, group, sq, block], or None."""
+    if not self.config.dropout_rate:
+      return None
+    seeds = self.optional["dropout_seed"][:, None, None, None, None, :]
+    heads = (jnp.arange(self.kv_heads)[:, None] * self.group + jnp.arange(self.group)[None, :])
+    keep = _dropout.keep(seeds, heads[None, :, :, None, None],
+                         jnp.arange(self.seq_q)[:, None], block["start"] + jnp.arange(self.block),
+                         self.config.dropout_rate)
+    return jnp.where(keep, 1.0 / (1.0 - self.config.dropout_rate), 0.0)
 
   def scores(self, q, block):
     """Scores of one key block, [b, kv_h, group, sq, block], and the mask of visible entries.
@@ -102,7 +115,11 @@ class _Problem:
       s = s + block["bias"].astype(jnp.float32)
     q_pos = jnp.arange(self.seq_q, dtype=jnp.int32)[:, None]
     k_pos = block["start"] + jnp.arange(self.block, dtype=jnp.int32)[None, :]
-    distance = k_pos - (q_pos + self.offset)  # > 0: key after the aligned diagonal
+    if "kv_positions" in block:  # [b, 1, 1, sq, block]
+      distance = (block["kv_positions"][:, None, None, None, :] -
+                  self.optional["q_positions"][:, None, None, :, None])
+    else:
+      distance = k_pos - (q_pos + self.offset)  # > 0: key after the aligned diagonal
     if "alibi_slopes" in self.optional:
       slopes = self.optional["alibi_slopes"].astype(jnp.float32)
       slopes = slopes.reshape(slopes.shape[0], self.kv_heads, self.group, 1, 1)
@@ -143,6 +160,9 @@ def attention_fwd(query, key, value, *optional, config: AttentionConfig):
     p = jnp.exp(s - shift[..., None])
     rescale = jnp.exp(row_max - shift)
     row_sum = row_sum * rescale + p.sum(axis=-1)
+    dropout = problem.dropout_scale(block)
+    if dropout is not None:
+      p = p * dropout
     acc = acc * rescale[..., None] + jnp.einsum("bkgqc,bkcd->bkgqd", p, block["value"],
                                                 precision=_HIGHEST)
     return (new_max, row_sum, acc), None
@@ -172,23 +192,28 @@ def attention_bwd(query, key, value, out, lse, dout, dlse, *optional, config: At
     s, visible, softcap_tanh = problem.scores(q, block)
     p = jnp.where(visible, jnp.exp(s - finite_lse[..., None]), 0.0)
     dp = jnp.einsum("bkgqd,bkcd->bkgqc", do, block["value"], precision=_HIGHEST)
-    return p, dp, softcap_tanh
+    dropout = problem.dropout_scale(block)
+    # With dropout, out = (P * Z) V for the scaled keep mask Z: dV takes P * Z and the
+    # probabilities see dP * Z.
+    p_dropped = p if dropout is None else p * dropout
+    dp = dp if dropout is None else dp * dropout
+    return p, p_dropped, dp, softcap_tanh
 
   # D = sum_j p_ij dp_ij equals rowsum(dout * out) but rounds like dp itself, so dp - D cancels
   # exactly where attention is one-hot (rowsum(dout * out) left float32 errors of 1e-6 there,
   # above the naive reference's). One extra pass over the keys on CPU buys that.
   def delta_step(delta, block):
-    p, dp, _ = probabilities(block)
+    p, _, dp, _ = probabilities(block)
     return delta + (p * dp).sum(axis=-1), None
 
   delta, _ = jax.lax.scan(delta_step, jnp.zeros(stats_shape, jnp.float32), xs)
   delta = delta - dlse.reshape(stats_shape)
 
   def step(dq, block):
-    p, dp, softcap_tanh = probabilities(block)
+    p, p_dropped, dp, softcap_tanh = probabilities(block)
     # Per query head first, then over the group: the order of the naive computation, whose
     # float32 rounding the tests hold this implementation to.
-    dv = jnp.einsum("bkgqc,bkgqd->bkgcd", p, do, precision=_HIGHEST).sum(axis=2)
+    dv = jnp.einsum("bkgqc,bkgqd->bkgcd", p_dropped, do, precision=_HIGHEST).sum(axis=2)
     ds = p * (dp - delta[..., None])
     outputs = {"key": None, "value": dv}
     if bias_shape is not None:

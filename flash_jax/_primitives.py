@@ -21,6 +21,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching
 from jax.interpreters import mlir
 
+from flash_jax import _dropout
 from flash_jax import _validate
 from flash_jax._config import AttentionConfig
 
@@ -116,6 +117,20 @@ def _fold(args, dims, names, axis_size):
   return folded, batch
 
 
+def _distinct_dropout_per_example(folded, names, axis_size):
+  """Under vmap each mapped example draws its own dropout masks: the seeds of example e (rows
+  e * batch ... e * batch + batch - 1 after folding) are hashed with e. The forward and backward
+  rules both apply it, so the backward still sees the forward's masks."""
+  if "dropout_seed" not in names:
+    return folded
+  index = names.index("dropout_seed")
+  seeds = folded[index]
+  example = jnp.repeat(jnp.arange(axis_size, dtype=jnp.uint32), seeds.shape[0] // axis_size)
+  zero = jnp.zeros_like(example)
+  words = _dropout.philox4x32((example, zero, zero, zero), (seeds[:, 0], seeds[:, 1]))
+  return folded[:index] + [jnp.stack(words[:2], axis=-1)] + folded[index + 1:]
+
+
 def _unfold(x, axis_size):
   return x.reshape((axis_size, x.shape[0] // axis_size) + x.shape[1:])
 
@@ -124,6 +139,7 @@ def _fwd_batch(args, dims, *, config):
   axis_size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
   names = (None,) * 3 + config.operands
   folded, _ = _fold(args, dims, names, axis_size)
+  folded = _distinct_dropout_per_example(folded, names, axis_size)
   outs = attention_fwd_p.bind(*folded, config=config)
   return [_unfold(x, axis_size) for x in outs], [0] * len(outs)
 
@@ -141,6 +157,7 @@ def _bwd_batch(args, dims, *, config):
         bias, bias_dim, 0).shape[1]
     names = names[:bias_index] + ("bias_gradient",) + names[bias_index + 1:]
   folded, _ = _fold(args, dims, names, axis_size)
+  folded = _distinct_dropout_per_example(folded, names, axis_size)
   grads = attention_bwd_p.bind(*folded, config=config)
   grads = [_unfold(g, axis_size) for g in grads]
   if bias_index is not None and bias_batch == 1 and grads[3].shape[1] != 1:

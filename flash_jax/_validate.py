@@ -13,6 +13,8 @@ import numbers
 import numpy as np
 import jax.numpy as jnp
 
+from flash_jax import _dropout
+
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
@@ -62,6 +64,11 @@ def check_operands(query, key, value, optional, config) -> None:
   if len(optional) != len(config.operands):
     raise ValueError(f"attention: expected optional operands {config.operands}, got "
                      f"{len(optional)} arrays")
+  batch = query.shape[0]
+  for name, x in zip(config.operands, optional):
+    if not x.shape or x.shape[0] not in (batch, 1):
+      raise ValueError(f"`{name}` must have a leading batch axis of size {batch} or 1, got "
+                       f"shape {list(x.shape)}")
 
 
 def softmax_scale(value, head_dim: int) -> float:
@@ -81,3 +88,99 @@ def static_bool(name: str, value) -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(f"`{name}` must be a Python bool, got {type(value).__name__} {value!r}")
   return bool(value)
+
+
+def _int_array(name, x, shape):
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"`{name}` must be an integer array of shape {list(shape)}, got "
+                     f"{_describe(x)}")
+  if tuple(x.shape) != tuple(shape):
+    raise ValueError(f"`{name}` must have shape {list(shape)}, got {list(x.shape)}")
+  return x.astype(jnp.int32)
+
+
+def _broadcast_4d(name, x, full_shape):
+  """A mask or bias broadcastable to [b, h, sq, sk] -> rank 4 with each dim full or 1."""
+  if x.ndim > 4:
+    raise ValueError(f"`{name}` must be broadcastable to [batch, heads, seq_q, seq_k] = "
+                     f"{list(full_shape)}, got shape {list(x.shape)}")
+  x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+  for size, full in zip(x.shape, full_shape):
+    if size not in (1, full):
+      raise ValueError(f"`{name}` must be broadcastable to [batch, heads, seq_q, seq_k] = "
+                       f"{list(full_shape)}, got shape {list(x.shape)}")
+  return x
+
+
+def window(value):
+  """(left, right) with -1 meaning unbounded; None -> (-1, -1)."""
+  if value is None:
+    return -1, -1
+  if (not isinstance(value, (tuple, list)) or len(value) != 2 or
+      not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
+    raise ValueError(f"`window` must be a pair of Python ints (left, right), got {value!r}")
+  left, right = int(value[0]), int(value[1])
+  if left < -1 or right < -1:
+    raise ValueError(f"`window` sizes must be >= -1 (-1 = unbounded), got ({left}, {right})")
+  return left, right
+
+
+def optional_operands(query, key, *, q_segment_ids, kv_segment_ids, q_lengths, kv_lengths, mask,
+                      bias, alibi_slopes, dropout_rate, dropout_rng):
+  """Checks the optional array arguments and brings each to the form of
+  _config.OPTIONAL_OPERANDS. Returns {name: array} and the dropout rate (a float)."""
+  batch, seq_q, heads, _ = query.shape
+  seq_k = key.shape[1]
+  operands = {}
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("`q_segment_ids` and `kv_segment_ids` must be given together, got only "
+                     + ("`q_segment_ids`" if kv_segment_ids is None else "`kv_segment_ids`"))
+  if q_segment_ids is not None:
+    operands["q_segment_ids"] = _int_array("q_segment_ids", q_segment_ids, (batch, seq_q))
+    operands["kv_segment_ids"] = _int_array("kv_segment_ids", kv_segment_ids, (batch, seq_k))
+  if q_lengths is not None:
+    operands["q_lengths"] = _int_array("q_lengths", q_lengths, (batch,))
+  if kv_lengths is not None:
+    operands["kv_lengths"] = _int_array("kv_lengths", kv_lengths, (batch,))
+  full = (batch, heads, seq_q, seq_k)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise ValueError(f"`mask` must be a boolean array (True = keep), got {_describe(mask)}")
+    operands["mask"] = _broadcast_4d("mask", mask, full)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise ValueError(f"`bias` must be a floating array, got {_describe(bias)}")
+    operands["bias"] = _broadcast_4d("bias", bias, full)
+  if alibi_slopes is not None:
+    slopes = jnp.asarray(alibi_slopes)
+    if not jnp.issubdtype(slopes.dtype, jnp.floating) or tuple(slopes.shape) not in (
+        (heads,), (batch, heads)):
+      raise ValueError(f"`alibi_slopes` must be a float array of shape [{heads}] or "
+                       f"[{batch}, {heads}], got {_describe(slopes)}")
+    operands["alibi_slopes"] = slopes.astype(jnp.float32).reshape(-1, heads)
+  if isinstance(dropout_rate, (bool, np.bool_)) or not isinstance(dropout_rate, numbers.Real):
+    raise ValueError("`dropout_rate` must be a Python float in [0, 1), got "
+                     f"{type(dropout_rate).__name__} {dropout_rate!r}")
+  dropout_rate = float(dropout_rate)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate}")
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError(f"`dropout_rng` (a JAX PRNG key) is required when dropout_rate > 0, got "
+                       f"dropout_rate={dropout_rate} and no key")
+    operands["dropout_seed"] = _dropout.row_seeds(dropout_rng, batch)
+  return operands, dropout_rate
+
+
+def softcap(value) -> float:
+  if value is None:
+    return 0.0
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise ValueError(f"`softcap` must be a positive Python float, got {type(value).__name__} "
+                     f"{value!r}")
+  if not (float(value) > 0 and np.isfinite(value)):
+    raise ValueError(f"`softcap` must be a positive finite float, got {value}")
+  return float(value)
