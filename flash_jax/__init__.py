@@ -1,6 +1,7 @@
 """flash_jax: FlashAttention for JAX."""
 
 from flash_jax import _cpu
+from flash_jax import _cuda  # registers the FFI targets and the CUDA lowering
 from flash_jax import _primitives
 from flash_jax._api import attention
 from flash_jax._dropout import dropout_mask
