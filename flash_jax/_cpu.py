@@ -131,7 +131,8 @@ class _Problem:
       visible = visible & (distance >= -config.window_left)
     if config.window_right >= 0:
       visible = visible & (distance <= config.window_right)
-    visible = visible[None, None, None]
+    # [sq, block] from the aligned diagonal, [b, 1, 1, sq, block] from positions: to rank 5.
+    visible = visible.reshape((1,) * (5 - visible.ndim) + visible.shape)
     if "kv_lengths" in self.optional:
       lengths = self.optional["kv_lengths"][:, None, None, None, None]
       visible = visible & (k_pos < lengths)
