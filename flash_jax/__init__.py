@@ -5,9 +5,12 @@ from flash_jax import _cuda  # registers the FFI targets and the CUDA lowering
 from flash_jax import _primitives
 from flash_jax._api import attention
 from flash_jax._dropout import dropout_mask
+from flash_jax._jaxnn import dot_product_attention
+from flash_jax._varlen import attention_varlen
 from flash_jax.reference import reference_attention
 
 _primitives.register_implementation(_cpu.attention_fwd, _cpu.attention_bwd)
 
-__all__ = ["attention", "dropout_mask", "reference_attention"]
+__all__ = ["attention", "attention_varlen", "dot_product_attention", "dropout_mask",
+           "reference_attention"]
 __version__ = "0.1.0"

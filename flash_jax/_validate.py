@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 
 from flash_jax import _dropout
@@ -184,3 +185,91 @@ def softcap(value) -> float:
   if not (float(value) > 0 and np.isfinite(value)):
     raise ValueError(f"`softcap` must be a positive finite float, got {value}")
   return float(value)
+
+
+# --- jax.nn.dot_product_attention and attention_varlen arguments --------------------------------
+
+
+def jax_nn_inputs(query, key, value):
+  """query, key, value of jax.nn.dot_product_attention, BTNH or TNH, as BTNH arrays: a missing
+  batch axis becomes 1 (jax.nn's _ensure_4d), then the rules of `check_dense` apply."""
+  arrays = []
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    x = jnp.asarray(x)
+    if x.ndim not in (3, 4):
+      raise ValueError(f"`{name}` must have rank 4 [batch, seq, heads, head_dim] or 3 "
+                       f"[seq, heads, head_dim], got shape {list(x.shape)}")
+    arrays.append(x.reshape((1,) * (4 - x.ndim) + tuple(x.shape)))
+  check_dense(*arrays)
+  return arrays
+
+
+def optional_lengths(name, value, batch):
+  """An optional int [batch] array of sequence lengths, as int32."""
+  return None if value is None else _int_array(name, value, (batch,))
+
+
+def static_scale(name, value, head_dim):
+  """A static scale under another argument name than `softmax_scale` (same rules)."""
+  try:
+    return softmax_scale(value, head_dim)
+  except ValueError as error:
+    raise ValueError(str(error).replace("`softmax_scale`", f"`{name}`")) from None
+
+
+def local_window_size(value):
+  """jax.nn's local_window_size: None, an int (symmetric) or (left, right), each >= 0 keys on that
+  side of the query's top-left-aligned diagonal. Returns (left, right), -1 = unbounded."""
+  if value is None:
+    return -1, -1
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+  if is_int(value):
+    value = (value, value)
+  if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(map(is_int, value)):
+    raise ValueError(f"`local_window_size` must be a Python int or a pair of ints (left, right), "
+                     f"got {value!r}")
+  left, right = int(value[0]), int(value[1])
+  if left < 0 or right < 0:
+    raise ValueError(f"`local_window_size` sizes must be >= 0, got ({left}, {right})")
+  return left, right
+
+
+def varlen_inputs(query, key, value):
+  """Packed query [total_q, h, d] and key/value [total_k, kv_h, d] as batch-1 BSHD arrays."""
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if len(x.shape) != 3:
+      raise ValueError(f"`{name}` must have rank 3 [total_tokens, heads, head_dim], got shape "
+                       f"{list(x.shape)}")
+  arrays = [x[None] for x in (query, key, value)]
+  check_dense(*arrays)
+  return arrays
+
+
+def positive_static_int(name, value) -> int:
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+      or value <= 0):
+    raise ValueError(f"`{name}` must be a positive Python int (a static value), got "
+                     f"{type(value).__name__} {value!r}")
+  return int(value)
+
+
+def cu_seqlens(name, value, total, max_seqlen, max_seqlen_name):
+  """Cumulative sequence lengths int [n + 1], as int32. When the values are concrete (not
+  traced) they are checked: start at 0, non-decreasing, end <= total, no sequence longer than
+  max_seqlen. Traced values cannot be checked at trace time."""
+  x = jnp.asarray(value)
+  if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim != 1 or x.shape[0] < 2:
+    raise ValueError(f"`{name}` must be an integer array of shape [n_seqs + 1] with n_seqs >= 1, "
+                     f"got {_describe(x)}")
+  try:
+    host = np.asarray(x)
+  except jax.errors.TracerArrayConversionError:
+    return x.astype(jnp.int32)
+  lengths = np.diff(host)
+  if host[0] != 0 or (lengths < 0).any() or host[-1] > total:
+    raise ValueError(f"`{name}` must start at 0, be non-decreasing and end at most at the "
+                     f"number of tokens ({total}), got {host.tolist()}")
+  if lengths.max() > max_seqlen:
+    raise ValueError(f"`{max_seqlen_name}` ({max_seqlen}) must be at least the longest sequence "
+                     f"of `{name}`, got a sequence of {int(lengths.max())} tokens")
+  return x.astype(jnp.int32)
