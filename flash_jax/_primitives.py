@@ -173,7 +173,9 @@ batching.primitive_batchers[attention_bwd_p] = _bwd_batch
 
 
 def _lowering_rule(primitive, implementation):
-  return mlir.lower_fun(implementation, multiple_results=True)
+  # Imported here: _sharding (through the ring) builds on this module's primitives.
+  from flash_jax import _sharding
+  return _sharding.lowering_rule(primitive, implementation)
 
 
 def register_implementation(fwd_impl, bwd_impl, platform=None):

@@ -175,6 +175,18 @@ class _Chunks:
     return dataclasses.replace(self.config, causal=False)
 
 
+def _varying_like(x, *refs):
+  """`x` typed as varying over every manual axis the `refs` vary over (inside shard_map).
+
+  The attention primitives' results are typed invariant by JAX versions whose abstract
+  evaluation does not carry manual axes; adding zeros shaped from the refs (a no-op) restores
+  the type that loop carries and custom_vjp cotangents must match.
+  """
+  for ref in refs:
+    x = x + jnp.zeros_like(ref, shape=(), dtype=x.dtype)
+  return x
+
+
 def _merge(acc_out, acc_lse, out, lse, rows):
   """Merges a partial (out, lse) of query rows `rows` into the float32 accumulators."""
   old_out, old_lse = acc_out[:, rows], acc_lse[..., rows]
@@ -214,7 +226,8 @@ def ring_forward(config: AttentionConfig, ring: Ring, query, key, value, *option
     return acc_out, acc_lse, kv
 
   acc_out, acc_lse, _ = lax.fori_loop(1, ring.size, step, (acc_out, acc_lse, chunks.kv))
-  return acc_out.astype(query.dtype), acc_lse
+  return (_varying_like(acc_out.astype(query.dtype), query, key, value),
+          _varying_like(acc_lse, query, key, value))
 
 
 def ring_backward(config: AttentionConfig, ring: Ring, query, key, value, out, lse, dout, dlse,
@@ -242,7 +255,8 @@ def ring_backward(config: AttentionConfig, ring: Ring, query, key, value, out, l
 
   everything = slice(None)
   dq, dk, dv = gradients(everything, everything, chunks.kv, chunks.index, chunks.own_config())
-  dkv = {"key": dk, "value": dv}
+  dq = _varying_like(dq, query, key, value)
+  dkv = {"key": _varying_like(dk, query, key, value), "value": _varying_like(dv, query, key, value)}
 
   def step(t, carry):
     dq, kv, dkv = carry
