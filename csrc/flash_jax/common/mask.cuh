@@ -87,6 +87,19 @@ struct KeyRangeMask {
            col_end - 1 <= key_last(row_begin);
   }
 
+  // Key blocks [*block_begin, *block_end) that every query in [row_begin, row_end) sees entirely
+  // (the blocks for which tile_fully_allowed holds: one interval, since both band edges are
+  // monotonic). A loop over blocks compares its index against two integers instead of
+  // re-evaluating the band per block. Possibly empty (end <= begin).
+  __host__ __device__ void unmasked_key_block_range(int row_begin, int row_end, int block_n,
+                                                    int* block_begin, int* block_end) const {
+    int first = key_first(row_end - 1);
+    int end = key_last(row_begin) + 1;
+    if (end > seqlen_k) end = seqlen_k;
+    *block_begin = (first + block_n - 1) / block_n;
+    *block_end = end < 0 ? 0 : end / block_n;
+  }
+
   // Sets masked scores to -inf. `scores` and `coords` are fragments of one tile partitioned the
   // same way (coords from an identity tensor of the tile's shape, so coords(i) = (row, col)
   // inside the tile); row_offset/col_offset place the tile in the sequence. Works for any

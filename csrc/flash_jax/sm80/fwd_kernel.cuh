@@ -1,8 +1,8 @@
 // Forward attention kernels for sm80-class GPUs (mma.sync m16n8k16, ldmatrix, cp.async); the
 // same code runs on sm90 through mma.sync. One CTA per (query block, head, batch[, key split]):
 // the query tile stays in shared memory, key/value tiles stream through it from the last key
-// block to the first (the masked blocks come first, so the unmasked loop body has no mask code),
-// scores and probabilities never leave registers.
+// block to the first (the partially masked blocks at the causal diagonal and the sequence tail
+// come first), scores and probabilities never leave registers.
 //
 // Pipeline per key block n (one K buffer, one V buffer, each loaded while the other is consumed):
 //   wait K(n) | issue V(n) | S = Q K^T (ldmatrix pipelined one k-slice ahead) | softcap | mask
@@ -254,6 +254,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     const bool has_softcap = params.softcap > 0.f;
     const Softcap softcap = Softcap::make(params.softmax_scale, has_softcap ? params.softcap : 1.f);
     const int seqlen_k = params.seqlen_k;
+    int n_unmasked_begin, n_unmasked_end;
+    mask.unmasked_key_block_range(row_begin, row_end, kBlockN, &n_unmasked_begin, &n_unmasked_end);
 
     load_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, col_ok, params.seqlen_q - row_begin);
     // The last key block is the only one that can extend past seqlen_k.
@@ -278,7 +280,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
 
       gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread);
       if (has_softcap) softcap.apply(acc_s);
-      if (!mask.tile_fully_allowed(row_begin, row_end, n * kBlockN, (n + 1) * kBlockN)) {
+      if (n < n_unmasked_begin || n >= n_unmasked_end) {
         mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
       }
 
