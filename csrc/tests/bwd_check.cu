@@ -4,12 +4,15 @@
 //
 //   bwd_check            correctness cases; exit status 1 if any fails
 //   bwd_check --small    the cases with seqlen_q * seqlen_k <= 1e5 (for compute-sanitizer)
-//   bwd_check --time     backward TFLOP/s on the grid b * s = 16384, h = 2048 / d (bf16)
+//   bwd_check --time [d] backward TFLOP/s on the grid b * s = 16384, h = 2048 / d (bf16), for
+//                        d = 64 and 128 or only the one given
 //
 // Oracle (DESIGN.md section 6): `ref` is the gradient in fp64 from the inputs the kernel sees,
 // `base` the same with P and dS rounded to the input dtype before the products that use them (what
 // the kernel does); a gradient passes when max|grad - ref| <= 3 * max|base - ref| + floor, floor
-// = one rounding step of the dtype at the gradient's magnitude. Outputs are poisoned (NaN) before
+// = one rounding step of the dtype at the gradient's magnitude plus 1e-5 for gradients that
+// vanish by cancellation (one visible key: dS = P (dP - D) is 0 up to fp32 rounding of two dot
+// products of O(1) terms). Outputs are poisoned (NaN) before
 // each run, so an unwritten element fails. The deterministic variant is also run twice and
 // compared bitwise.
 #include <cuda_runtime.h>
@@ -222,7 +225,7 @@ struct Comparison {
   double max_error = 0, base_error = 0, max_ref = 0, rel_l2 = 0;
   bool finite = true;
   bool pass(bool fp16) const {
-    const double floor = (fp16 ? std::ldexp(1.0, -10) : std::ldexp(1.0, -7)) * max_ref + 1e-6;
+    const double floor = (fp16 ? std::ldexp(1.0, -10) : std::ldexp(1.0, -7)) * max_ref + 1e-5;
     return finite && max_error <= 3 * base_error + floor;
   }
 };
@@ -446,7 +449,7 @@ int run_checks(bool small_only) {
 // ---------------------------------------------------------------------------------------------
 // Timing: b * s = 16384 tokens, h = 2048 / d, bf16, random inputs; lse set to a plausible value
 // log(sk) + 0.5 so that probabilities are neither all 0 nor overflowing.
-int run_timing() {
+int run_timing(int only_head_dim) {
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   cudaEvent_t start, stop;
@@ -466,6 +469,7 @@ int run_timing() {
   CHECK_CUDA(cudaMalloc(&pool, pool_elems * 2));
   CHECK_CUDA(cudaMemcpy(pool, pool_host.data(), pool_elems * 2, cudaMemcpyHostToDevice));
   for (int head_dim : {64, 128}) {
+    if (only_head_dim != 0 && head_dim != only_head_dim) continue;
     for (bool causal : {false, true}) {
       for (int seq : {512, 1024, 2048, 4096, 8192, 16384}) {
         const int batch = 16384 / seq, heads = 2048 / head_dim;
@@ -536,6 +540,6 @@ int run_timing() {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
-  if (mode == "--time") return run_timing();
+  if (mode == "--time") return run_timing(argc > 2 ? std::atoi(argv[2]) : 0);
   return run_checks(/*small_only=*/mode == "--small");
 }

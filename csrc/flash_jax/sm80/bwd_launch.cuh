@@ -45,10 +45,12 @@ inline bool aligned16(const void* pointer) {
 }
 
 // The kernels move 16-byte vectors of 8 elements: each tensor's base must be 16-byte aligned and
-// every stride that is actually stepped must be a multiple of 8 elements.
+// every stride that is actually stepped must be a multiple of 8 elements. An empty tensor (XLA may
+// pass a null buffer for it) is never touched.
 inline std::string check_layout(const char* name, const void* pointer, int64_t batch_stride,
                                 int64_t row_stride, int64_t head_stride, int batch, int seqlen,
                                 int heads) {
+  if (batch == 0 || seqlen == 0 || heads == 0) return "";
   if (pointer == nullptr) return std::string(name) + " is null";
   if (!aligned16(pointer)) return std::string(name) + " is not 16-byte aligned";
   if ((batch > 1 && batch_stride % 8 != 0) || (seqlen > 1 && row_stride % 8 != 0) ||
@@ -79,8 +81,10 @@ inline std::string check_params(const BwdParams& p, int bucket) {
     return "heads and batch must each be at most 65535 (grid limits)";
   }
   if (p.seqlen_q >= (1 << 29) || p.seqlen_k >= (1 << 29)) return "sequence longer than 2^29";
-  if (p.lse == nullptr || p.softmax_d == nullptr) return "lse and softmax_d must be given";
-  if (!p.deterministic && (p.dq_accum == nullptr || !aligned16(p.dq_accum))) {
+  if (p.seqlen_q > 0 && (p.lse == nullptr || p.softmax_d == nullptr)) {
+    return "lse and softmax_d must be given";
+  }
+  if (p.seqlen_q > 0 && !p.deterministic && (p.dq_accum == nullptr || !aligned16(p.dq_accum))) {
     return "dq_accum must be a 16-byte aligned buffer";
   }
   const std::string layout_checks[] = {

@@ -131,7 +131,7 @@ struct BwdConfig<Element, 32> {
 // head-dim column and key block), only the per-block overhead. 128 KB smem.
 template <typename Element>
 struct BwdConfig<Element, 64> {
-  using Traits = BwdTraits<Element, 64, 64, 128, 2, 4, 4>;
+  using Traits = BwdTraits<Element, 64, 128, 128, 2, 4, 4>;
 };
 // 64 x 128: dK, dV 48 + 48 registers; dQ warps 4 x 2 because 96 is not a multiple of 64.
 // 128 KB smem.
