@@ -70,6 +70,7 @@ def check_operands(query, key, value, optional, config) -> None:
     if not x.shape or x.shape[0] not in (batch, 1):
       raise ValueError(f"`{name}` must have a leading batch axis of size {batch} or 1, got "
                        f"shape {list(x.shape)}")
+  check_operand_shapes(query, key, optional, config)
 
 
 def softmax_scale(value, head_dim: int) -> float:
@@ -273,3 +274,35 @@ def cu_seqlens(name, value, total, max_seqlen, max_seqlen_name):
     raise ValueError(f"`{max_seqlen_name}` ({max_seqlen}) must be at least the longest sequence "
                      f"of `{name}`, got a sequence of {int(lengths.max())} tokens")
   return x.astype(jnp.int32)
+
+
+def check_operand_shapes(query, key, optional, config) -> None:
+  """Trailing shapes and dtypes of the optional operands (after their leading batch axis), so a
+  malformed operand reaching the primitives directly fails at trace time, not inside a lowering."""
+  _, seq_q, heads, _ = query.shape
+  seq_k = key.shape[1]
+  integer = lambda dtype: jnp.issubdtype(dtype, jnp.integer)
+  floating = lambda dtype: jnp.issubdtype(dtype, jnp.floating)
+  rules = {
+      "q_segment_ids": ([seq_q], integer, "integer"),
+      "kv_segment_ids": ([seq_k], integer, "integer"),
+      "q_positions": ([seq_q], integer, "integer"),
+      "kv_positions": ([seq_k], integer, "integer"),
+      "q_lengths": ([], integer, "integer"),
+      "kv_lengths": ([], integer, "integer"),
+      "mask": ([heads, seq_q, seq_k], lambda dtype: dtype == jnp.bool_, "bool"),
+      "bias": ([heads, seq_q, seq_k], floating, "floating"),
+      "alibi_slopes": ([heads], floating, "floating"),
+      "dropout_seed": ([2], lambda dtype: dtype == jnp.uint32, "uint32"),
+  }
+  for name, x in zip(config.operands, optional):
+    trailing, dtype_ok, dtype_name = rules[name]
+    shape = list(x.shape[1:])
+    # mask and bias broadcast: each trailing axis is full or 1.
+    broadcast = name in ("mask", "bias")
+    shape_ok = len(shape) == len(trailing) and all(
+        size == full or (broadcast and size == 1) for size, full in zip(shape, trailing))
+    if not shape_ok or not dtype_ok(jnp.dtype(x.dtype)):
+      expected = " (each axis full or 1)" if broadcast else ""
+      axes = ", ".join(["batch|1"] + [str(size) for size in trailing])
+      raise ValueError(f"`{name}` must be {dtype_name} [{axes}]{expected}, got {_describe(x)}")
