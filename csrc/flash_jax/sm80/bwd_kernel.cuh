@@ -12,7 +12,8 @@
 //   3b. dq_kernel          deterministic variant: one CTA per (query block, head, batch) loops over
 //                          key blocks recomputing S, P, dP, dS and accumulates dQ in registers in a
 //                          fixed order. Costs two recomputed products (S and dP) per tile: 7 block
-//                          products per tile instead of 5.
+//                          products per tile instead of 5; measured 1.2-1.35x the time of the
+//                          atomic variant on H100 (benchmarks/NOTES.md).
 //
 // The gradient of the lse output enters only through D (softmax_d = rowsum(dO * O) - dlse), so
 // dS = P * (dP - rowsum(dO * O) + dlse). Rows with lse = -inf (no visible key) and rows past
@@ -234,7 +235,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_q_padded = padded_seqlen_q(seqlen_q);
   const float* lse = params.lse + bh * seqlen_q;
   const float* softmax_d = params.softmax_d + bh * seqlen_q_padded;
-  float* dq_accum = params.dq_accum + bh * seqlen_q_padded * kHeadDim;
+  float* dq_accum =
+      kAccumulateDq ? params.dq_accum + bh * seqlen_q_padded * kHeadDim : nullptr;  // unused else
 
   Tensor gQ = head_tiles<kBlockM, kHeadDim>(
       static_cast<const Element*>(params.q) + batch * params.q_batch_stride +

@@ -126,12 +126,13 @@ template <typename Element>
 struct BwdConfig<Element, 32> {
   using Traits = BwdTraits<Element, 32, 128, 128, 4, 4, 4>;
 };
-// 64 x 128: dK, dV 32 + 32, S, dP 32 + 32, dQ 16 registers a thread. 128 x 128 (S, dP 64 + 64)
-// spills; the query block size does not change the number of dQ reductions (one per query row,
-// head-dim column and key block), only the per-block overhead. 128 KB smem.
+// 64 x 128: dK, dV 32 + 32, S, dP 32 + 32, dQ 16 registers a thread, no spill. The query block
+// size does not change the number of dQ reductions (one per query row, head-dim column and key
+// block), only the per-block overhead; 128 x 128 (FlashAttention-2's choice, 255 registers and
+// ~100 B of spill) measured 3% slower on H100 (benchmarks/NOTES.md). 128 KB smem.
 template <typename Element>
 struct BwdConfig<Element, 64> {
-  using Traits = BwdTraits<Element, 64, 128, 128, 2, 4, 4>;
+  using Traits = BwdTraits<Element, 64, 64, 128, 2, 4, 4>;
 };
 // 64 x 128: dK, dV 48 + 48 registers; dQ warps 4 x 2 because 96 is not a multiple of 64.
 // 128 KB smem.
