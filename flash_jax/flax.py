@@ -348,7 +348,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None,
                rngs=None, sow_weights=False, decode=None, is_causal=False, out_sharding=None,
-               qkv_sharding=None, segment_ids=None, kv_segment_ids=None):
+               qkv_sharding=None, input_positions=None, segment_ids=None, kv_segment_ids=None):
     if rngs is None:
       rngs = self.rngs
     elif isinstance(rngs, nnx.Rngs):
@@ -408,8 +408,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     else:
       deterministic = True
 
+    # input_positions: what Flax (0.12.12) forwards to a RoPE attention_fn.
     extras = dict(causal=self.causal, is_causal=is_causal and not decode,
-                  module=self if sow_weights else None,
+                  module=self if sow_weights else None, input_positions=input_positions,
                   **_segment_extras(segment_ids, kv_segment_ids, self_attention, decode))
     x = _call_attention(
         self.attention_fn, query, key, value, extras=extras, mask=mask, dropout_rng=dropout_rng,

@@ -238,13 +238,13 @@ def test_dropout_exact_through_dropout_mask():
 
 def test_dropout_statistics():
   q, k, v = (_inputs(i, (1, 16, 2, 8)) for i in range(3))
-  rate, draws = 0.25, 256
+  rate, draws = 0.25, 128
   keys = jax.random.split(jax.random.key(5), draws)
-  kept = jax.vmap(lambda r: flash_jax.dropout_mask(r, 1, 2, 16, 16, rate))(keys)
-  # Kept fraction: binomial over draws * 512 entries, standard deviation ~0.0012.
-  assert abs(float(kept.mean()) - (1 - rate)) < 0.006
-  outs = jax.vmap(lambda r: ff.attention_fn(q, k, v, dropout_rng=r, dropout_rate=rate,
-                                            broadcast_dropout=False))(keys)
+  kept = jax.jit(jax.vmap(lambda r: flash_jax.dropout_mask(r, 1, 2, 16, 16, rate)))(keys)
+  # Kept fraction: binomial over draws * 512 entries, standard deviation ~0.0017.
+  assert abs(float(kept.mean()) - (1 - rate)) < 0.009
+  outs = jax.jit(jax.vmap(lambda r: ff.attention_fn(q, k, v, dropout_rng=r, dropout_rate=rate,
+                                                    broadcast_dropout=False)))(keys)
   # Inverted dropout is unbiased: the mean over draws approaches the output without dropout.
   expected = nn.dot_product_attention(q, k, v)
   stderr = outs.std(axis=0) / np.sqrt(draws)
@@ -424,6 +424,24 @@ def test_modules_bf16_gpu(device):
   assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) <= 2 * base_error + 1e-2
 
 
+@pytest.mark.parametrize("device", [gpu_param("gpu")])
+def test_decode_bf16_gpu(device):
+  # One query against a long, partly written cache: the kernel's split-KV path with a mask.
+  x = _inputs(0, (2, 300, 128))
+  ours = ff.MultiHeadDotProductAttention(num_heads=2, dtype=jnp.bfloat16, decode=True)
+  variables = ours.init(jax.random.key(0), x)
+  full = ff.MultiHeadDotProductAttention(num_heads=2, dtype=jnp.bfloat16, causal=True)
+  expected = full.apply({"params": variables["params"]}, x).astype(jnp.float32)
+  step = jax.jit(lambda cache, token: ours.apply(
+      {"params": variables["params"], "cache": cache}, token, mutable=["cache"]))
+  cache, outs = variables["cache"], []
+  for t in range(x.shape[1]):
+    out, updated = step(cache, x[:, t:t + 1])
+    cache = updated["cache"]
+    outs.append(out.astype(jnp.float32))
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), expected, rtol=2e-2, atol=2e-2)
+
+
 # --- the main example -----------------------------------------------------------------------------
 
 
@@ -438,7 +456,8 @@ def _load_example():
 
 def test_example_train_step_lowers_loss():
   example = _load_example()
-  result = example.main(["--steps", "40", "--layers", "1", "--d-model", "32", "--heads", "2",
+  result = example.main(["--steps", "120", "--layers", "1", "--d-model", "32", "--heads", "2",
                          "--seq-len", "32", "--period", "8", "--vocab", "16",
                          "--batch-size", "8", "--lr", "1e-2"])
+  # From ln(16) = 2.77 towards the task's floor of 0.61; steps are fast, compiling dominates.
   assert result["losses"][-1] < 0.8 * result["losses"][0], result["losses"]
