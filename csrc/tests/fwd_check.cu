@@ -5,6 +5,7 @@
 //   fwd_check            correctness cases; exit status 1 if any fails
 //   fwd_check --time     forward TFLOP/s on the grid b * s = 16384, h = 2048 / d
 //   fwd_check --sweep    TFLOP/s of alternative tile shapes (FWD_VARIANTS), checked against launch_fwd
+//   fwd_check --profile D  three launches at bf16 s 4096, head dim D (for ncu)
 //
 // Oracle (DESIGN.md section 6): `ref` is attention in fp64 on the inputs the kernel sees, `base`
 // the same with P rounded to the input dtype before P V and the output rounded (what the kernel
@@ -543,7 +544,28 @@ int run_sweep() {
 
 }  // namespace
 
+// A few launches of one grid point (bf16, s 4096, non-causal, head dim d) for a profiler.
+int run_profile(int head_dim) {
+  const size_t elems = 16384ULL * 2048;
+  DeviceBuffers buffers = allocate(elems, 16384ULL * 64);
+  fill_random<<<1024, 256>>>(buffers.q, elems, 21, false);
+  fill_random<<<1024, 256>>>(buffers.k, elems, 22, false);
+  fill_random<<<1024, 256>>>(buffers.v, elems, 23, false);
+  Problem pr{4, 4096, 2048 / head_dim, head_dim, false, false};
+  FwdParams p = make_params(pr, buffers);
+  for (int i = 0; i < 3; ++i) {
+    std::string error = run_forward(p, false, nullptr);
+    if (!error.empty()) {
+      std::printf("error: %s\n", error.c_str());
+      return 1;
+    }
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 2 && std::strcmp(argv[1], "--profile") == 0) return run_profile(std::atoi(argv[2]));
   if (argc > 1 && std::strcmp(argv[1], "--time") == 0) return run_timing();
   if (argc > 1 && std::strcmp(argv[1], "--sweep") == 0) return run_sweep();
   return run_correctness();

@@ -13,13 +13,12 @@
 #define FLASH_JAX_FWD_VARIANTS(X) \
   X(128, 128, 64, 4)              \
   X(128, 128, 32, 4)              \
-  X(128, 256, 64, 8)              \
-  X(128, 128, 128, 8)             \
   X(128, 64, 64, 4)               \
+  X(128, 256, 64, 8)              \
   X(64, 128, 128, 4)              \
   X(64, 128, 64, 4)               \
-  X(64, 256, 128, 8)              \
-  X(64, 256, 64, 8)
+  X(64, 64, 128, 4)               \
+  X(64, 64, 64, 4)
 
 #define FLASH_JAX_FWD_VARIANT_NAME_PASTE(d, m, n, w) fwd_variant_d##d##_##m##x##n##_##w
 #define FLASH_JAX_FWD_VARIANT_NAME(d, m, n, w) FLASH_JAX_FWD_VARIANT_NAME_PASTE(d, m, n, w)

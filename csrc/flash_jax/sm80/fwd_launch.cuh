@@ -37,9 +37,11 @@ namespace sm80 {
 template <typename Element, int kHeadDim>
 struct FwdConfig;
 
+// d32: 128x128 needs 64 registers of double-buffered K fragments beside 128 of scores and spilled
+// ~200 bytes (ptxas, sm_80); 128x64 fits.
 template <typename Element>
 struct FwdConfig<Element, 32> {
-  using Main = FwdTraits<Element, 32, 128, 128, 4>;
+  using Main = FwdTraits<Element, 32, 128, 64, 4>;
   using Split = FwdTraits<Element, 32, 64, 256, 4>;
 };
 template <typename Element>
@@ -92,11 +94,11 @@ cudaError_t raise_smem_limit(Kernel kernel, int bytes, std::atomic<bool>* done_p
   return error;
 }
 
-template <typename Traits, bool kSplit>
-std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
+template <typename Traits, bool kSplit, bool kSoftcap>
+std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
-  auto kernel = fwd_kernel<Traits, kSplit>;
+  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap>;
   cudaError_t error = raise_smem_limit(kernel, Traits::kSmemBytes, smem_limit_raised, kMaxDevices);
   if (error != cudaSuccess) return cuda_error_message("raising the shared-memory limit", error);
   const int num_splits = kSplit ? params.num_splits : 1;
@@ -106,6 +108,12 @@ std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
   error = cudaGetLastError();
   if (error != cudaSuccess) return cuda_error_message("kernel launch", error);
   return "";
+}
+
+template <typename Traits, bool kSplit>
+std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
+  return params.softcap > 0.f ? launch_fwd_kernel_variant<Traits, kSplit, true>(params, stream)
+                              : launch_fwd_kernel_variant<Traits, kSplit, false>(params, stream);
 }
 
 template <typename Element, int kHeadDim>
