@@ -187,6 +187,15 @@ def _varying_like(x, *refs):
   return x
 
 
+def _update(acc, value, index, axis):
+  """`acc` with `value` written at the static slice `index` of `axis`.
+
+  A dynamic_update_slice rather than `.at[].set`, whose scatter crashes XLA's CPU compiler of
+  jax 0.11 inside shard_map loops.
+  """
+  return lax.dynamic_update_slice_in_dim(acc, value, index.start or 0, axis)
+
+
 def _merge(acc_out, acc_lse, out, lse, rows):
   """Merges a partial (out, lse) of query rows `rows` into the float32 accumulators."""
   old_out, old_lse = acc_out[:, rows], acc_lse[..., rows]
@@ -197,7 +206,7 @@ def _merge(acc_out, acc_lse, out, lse, rows):
   new_lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
   scale = lambda w: (w / jnp.where(total > 0, total, 1.0)).transpose(0, 2, 1)[..., None]
   merged = old_out * scale(old_weight) + out.astype(jnp.float32) * scale(new_weight)
-  return acc_out.at[:, rows].set(merged), acc_lse.at[..., rows].set(new_lse)
+  return _update(acc_out, merged, rows, 1), _update(acc_lse, new_lse, rows, 2)
 
 
 def ring_forward(config: AttentionConfig, ring: Ring, query, key, value, *optional):
@@ -266,8 +275,9 @@ def ring_backward(config: AttentionConfig, ring: Ring, query, key, value, out, l
       def compute(acc, rows=rows, cols=cols):
         dq, dkv = acc
         dq_c, dk_c, dv_c = gradients(rows, cols, kv, source, chunks.other_config())
-        return (dq.at[:, rows].add(dq_c), {"key": dkv["key"].at[:, cols].add(dk_c),
-                                           "value": dkv["value"].at[:, cols].add(dv_c)})
+        add = lambda acc, value, index: _update(acc, acc[:, index] + value, index, 1)
+        return (add(dq, dq_c, rows), {"key": add(dkv["key"], dk_c, cols),
+                                      "value": add(dkv["value"], dv_c, cols)})
       acc = (dq, dkv)
       dq, dkv = compute(acc) if predicate is None else lax.cond(
           predicate, compute, lambda acc: acc, acc)
