@@ -114,11 +114,13 @@ def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True
     top_left = jnp.arange(seq_q)[:, None] >= jnp.arange(seq_k)[None, :]
     mask = top_left[None, None] if mask is None else mask & top_left
 
-  out, lse = flash_jax.attention(
+  sow = module is not None
+  out = flash_jax.attention(
       q, k, v, causal=causal, mask=mask, bias=bias, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, dropout_rate=dropout_rate if dropout else 0.0,
-      dropout_rng=dropout_rng if dropout else None, return_lse=True)
-  if module is not None:
+      dropout_rng=dropout_rng if dropout else None, return_lse=sow)
+  if sow:
+    out, lse = out
     weights = _weights_from_lse(q, k, lse, causal=causal, mask=mask, bias=bias,
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     weights = weights.astype(dtype).reshape(batch_shape + full)

@@ -280,7 +280,8 @@ def test_dropout_in_modules():
 
 def test_linen_decode_equals_one_causal_pass():
   x = _inputs()
-  ours = ff.MultiHeadDotProductAttention(num_heads=H, decode=True)
+  # causal=True (bottom-right) leaves the single query free; the cache's mask does the rest.
+  ours = ff.MultiHeadDotProductAttention(num_heads=H, decode=True, causal=True)
   flax_fn = nn.MultiHeadDotProductAttention(num_heads=H, decode=True,
                                             attention_fn=ff.attention_fn)
   full = nn.MultiHeadDotProductAttention(num_heads=H)
