@@ -1,0 +1,197 @@
+"""Masking options of flash_jax.attention against reference_attention with the oracle: window,
+lengths, segment ids, dense mask, bias (and its gradient), softcap, ALiBi, both causal
+alignments, their combinations, and rows that see no key."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from oracle import assert_matches, gpu_devices, gpu_param, random_inputs, sample_grid
+from reference_grads import reference_vjp, vjp_outputs
+
+BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 16
+SEQS = (37, 45)
+
+
+def _random(seed, shape, dtype=jnp.float32):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def _keep(seed, shape, rate=0.7):
+  return jax.random.bernoulli(jax.random.key(seed), rate, shape)
+
+
+def _segment_ids(batch, seq, boundaries):
+  """Sorted ids whose segments start at the fractions `boundaries` of the sequence (so q and kv
+  ids line up), shifted by one token per batch row."""
+  rows = []
+  for b in range(batch):
+    starts = [int(f * seq) for f in boundaries]
+    rows.append(np.searchsorted(np.array(starts) + b, np.arange(seq), side="right"))
+  return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def _options(name, batch, seq_q, seq_k):
+  """Keyword arguments of attention (and of reference_attention) for one named option."""
+  h = HEADS
+  options = {
+      "window": dict(window=(5, 3)),
+      "window_causal": dict(window=(4, -1), causal=True),
+      "window_left_unbounded": dict(window=(-1, 2)),
+      "window_diagonal": dict(window=(0, 0)),
+      "lengths": dict(q_lengths=jnp.array([seq_q - 9, seq_q], jnp.int32)[:batch],
+                      kv_lengths=jnp.array([seq_k, 11], jnp.int32)[:batch]),
+      "segment_ids": dict(q_segment_ids=_segment_ids(batch, seq_q, (0.0, 0.3, 0.7)),
+                          kv_segment_ids=_segment_ids(batch, seq_k, (0.0, 0.3, 0.7))),
+      "mask_full": dict(mask=_keep(1, (batch, h, seq_q, seq_k))),
+      "mask_1hqk": dict(mask=_keep(2, (1, h, seq_q, seq_k))),
+      "mask_b1qk": dict(mask=_keep(3, (batch, 1, seq_q, seq_k))),
+      "mask_qk": dict(mask=_keep(4, (seq_q, seq_k))),
+      "mask_b11k": dict(mask=_keep(5, (batch, 1, 1, seq_k))),
+      "softcap": dict(softcap=1.5),
+      "alibi_h": dict(alibi_slopes=jnp.linspace(0.1, 0.8, h)),
+      "alibi_bh": dict(alibi_slopes=jnp.abs(_random(6, (batch, h)))),
+      "causal": dict(causal=True),
+      "scale": dict(softmax_scale=0.7),
+      "combination": dict(causal=True, window=(9, -1), softcap=2.0,
+                          alibi_slopes=jnp.linspace(0.05, 0.3, h),
+                          kv_lengths=jnp.array([seq_k - 3, seq_k - 20], jnp.int32)[:batch],
+                          q_segment_ids=_segment_ids(batch, seq_q, (0.0, 0.5)),
+                          kv_segment_ids=_segment_ids(batch, seq_k, (0.0, 0.5)),
+                          mask=_keep(7, (batch, 1, seq_q, seq_k), 0.9)),
+  }
+  return options[name]
+
+
+def _check(device, dtype, seqs, kwargs, bias=None, fn=flash_jax.attention, ref_kwargs=None):
+  """Runs fn (with bias as a differentiable argument when given) and applies the oracle to
+  out, lse, dq, dk, dv (and dbias). Returns the outputs."""
+  seq_q, seq_k = seqs
+  q, k, v, dout, dlse = random_inputs(sum(seqs) + len(kwargs), BATCH, seq_q, seq_k, HEADS,
+                                      KV_HEADS, HEAD_DIM, jnp.dtype(dtype))
+  primals = (q, k, v) if bias is None else (q, k, v, bias)
+  ref_kwargs = kwargs if ref_kwargs is None else ref_kwargs
+
+  def flash(*p):
+    extra = {} if bias is None else {"bias": p[3]}
+    return fn(*p[:3], return_lse=True, **kwargs, **extra)
+
+  def reference(*p, compute_dtype):
+    extra = {} if bias is None else {"bias": p[3]}
+    return flash_jax.reference_attention(*p[:3], return_lse=True, compute_dtype=compute_dtype,
+                                         **ref_kwargs, **extra)
+
+  outputs = jax.jit(lambda p, c: vjp_outputs(flash, p, c))(jax.device_put(primals, device),
+                                                           jax.device_put((dout, dlse), device))
+  ref = reference_vjp(reference, primals, (dout, dlse), precision="float64")
+  base = reference_vjp(reference, primals, (dout, dlse), precision="input")
+  names = ("out", "lse", "dq", "dk", "dv") + (() if bias is None else ("dbias",))
+  assert_matches(outputs, ref, base, names=names)
+  return outputs
+
+
+# bfloat16 on CPU is covered by the option grid below; the other tests run float32 there.
+DEVICES = [("cpu", "float32"), gpu_param("gpu", "bfloat16")]
+OPTION_NAMES = ["window", "window_causal", "window_left_unbounded", "window_diagonal", "lengths",
+                "segment_ids", "mask_full", "mask_1hqk", "mask_b1qk", "mask_qk", "mask_b11k",
+                "softcap", "alibi_h", "alibi_bh", "causal", "scale", "combination"]
+CASES = sample_grid({"option": OPTION_NAMES, "seqs": [SEQS, SEQS[::-1]],
+                     "dtype": ["float32", "bfloat16"]}, count=len(OPTION_NAMES))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{option}-{seqs[0]}x{seqs[1]}-{dtype}"
+                         .format(**c))
+def test_option_matches_reference(case):
+  kwargs = _options(case["option"], BATCH, *case["seqs"])
+  _check(jax.devices("cpu")[0], case["dtype"], case["seqs"], kwargs)
+
+
+@pytest.mark.parametrize("option", [gpu_param(name) for name in OPTION_NAMES])
+def test_option_matches_reference_gpu(option):
+  _check(gpu_devices()[0], "bfloat16", SEQS, _options(option, BATCH, *SEQS))
+
+
+BIAS_SHAPES = [(BATCH, HEADS, *SEQS), (1, HEADS, 1, SEQS[1]), SEQS, (BATCH, 1, SEQS[0], 1)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bias_and_its_gradient_in_the_broadcast_shape(device, dtype, shape):
+  bias = _random(8, shape)
+  outputs = _check(jax.devices(device)[0], dtype, SEQS, {"causal": True}, bias=bias)
+  assert outputs[5].shape == bias.shape and outputs[5].dtype == bias.dtype
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_bias_with_mask_softcap_and_alibi(device, dtype):
+  kwargs = dict(mask=_keep(9, (1, HEADS, *SEQS)), softcap=3.0, alibi_slopes=jnp.full(HEADS, 0.2),
+                window=(6, 6))
+  _check(jax.devices(device)[0], dtype, SEQS, kwargs, bias=_random(10, (BATCH, HEADS, *SEQS)))
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("seqs", [SEQS, SEQS[::-1]], ids=["sq<sk", "sq>sk"])
+@pytest.mark.parametrize("window", [None, (3, 2)], ids=["causal", "causal_window"])
+def test_top_left_alignment(device, dtype, seqs, window):
+  """dot_product_attention aligns causal masks and windows to the top-left corner."""
+  kwargs = dict(is_causal=True, local_window_size=window)
+  ref_kwargs = dict(causal=True, causal_top_left=True, window=window)
+  seq_q, seq_k = seqs
+  q, k, v, dout, _ = random_inputs(11, BATCH, seq_q, seq_k, HEADS, KV_HEADS, HEAD_DIM,
+                                   jnp.dtype(dtype))
+
+  def reference(q, k, v, compute_dtype):
+    return (flash_jax.reference_attention(q, k, v, compute_dtype=compute_dtype, **ref_kwargs),)
+
+  device = jax.devices(device)[0]
+  flash = lambda q, k, v: (flash_jax.dot_product_attention(q, k, v, **kwargs),)
+  outputs = jax.jit(lambda p, c: vjp_outputs(flash, p, c))(jax.device_put((q, k, v), device),
+                                                           jax.device_put((dout,), device))
+  ref = reference_vjp(reference, (q, k, v), (dout,), precision="float64")
+  base = reference_vjp(reference, (q, k, v), (dout,), precision="input")
+  assert_matches(outputs, ref, base, names=("out", "dq", "dk", "dv"))
+  # The test can tell the alignments apart: bottom-right (attention's causal) differs.
+  bottom_right = flash_jax.reference_attention(q, k, v, causal=True, window=window)
+  assert not np.allclose(np.asarray(outputs[0], np.float32),
+                         np.asarray(bottom_right, np.float32), atol=1e-2)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+def test_padded_query_rows_are_zero_with_zero_gradients(device, dtype):
+  q_lengths = jnp.array([20, SEQS[0]], jnp.int32)
+  outputs = _check(jax.devices(device)[0], dtype, SEQS, dict(q_lengths=q_lengths, causal=True))
+  out, lse, dq = outputs[:3]
+  assert bool(jnp.all(out[0, 20:] == 0)) and bool(jnp.all(dq[0, 20:] == 0))
+  assert bool(jnp.all(lse[0, :, 20:] == -jnp.inf))
+  assert bool(jnp.all(jnp.isfinite(lse[0, :, :20]))) and bool(jnp.all(jnp.isfinite(lse[1])))
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES)
+@pytest.mark.parametrize("how", ["mask", "kv_length_zero", "window", "segment"])
+def test_row_with_no_visible_key(device, dtype, how):
+  """0 output, lse -inf, zero dq on that row and no NaN anywhere, gradients included."""
+  seq_q, seq_k = SEQS
+  seqs = SEQS
+  if how == "mask":
+    mask = np.ones((BATCH, 1, seq_q, seq_k), bool)
+    mask[1, :, 5] = False
+    kwargs, empty = dict(mask=jnp.asarray(mask)), (1, 5)
+  elif how == "kv_length_zero":
+    kwargs, empty = dict(kv_lengths=jnp.array([seq_k, 0], jnp.int32)), (1, slice(None))
+  elif how == "window":
+    # seq_q > seq_k: the diagonal starts at key seq_k - seq_q = -8, so query i sees keys
+    # [i - 10, i - 8]: none for the first 8 queries.
+    seqs = SEQS[::-1]
+    kwargs, empty = dict(window=(2, 0)), (slice(None), slice(0, 8))
+  else:
+    q_ids = jnp.zeros((BATCH, seq_q), jnp.int32).at[0, 7].set(5)
+    kwargs, empty = dict(q_segment_ids=q_ids,
+                         kv_segment_ids=jnp.zeros((BATCH, seq_k), jnp.int32)), (0, 7)
+  out, lse, dq, dk, dv = _check(jax.devices(device)[0], dtype, seqs, kwargs)
+  assert bool(jnp.all(out[empty] == 0)) and bool(jnp.all(dq[empty] == 0))
+  b, rows = empty
+  assert bool(jnp.all(lse[b, :, rows] == -jnp.inf))
+  for x in (out, lse, dq, dk, dv):
+    assert not bool(jnp.any(jnp.isnan(x.astype(jnp.float32))))
