@@ -11,9 +11,9 @@ a copy from `period` positions back, which only attention can fetch. The loss fl
 
 Flash and xla runs build the same parameter tree (flash_jax.flax.MultiHeadDotProductAttention is
 flax.linen.MultiHeadDotProductAttention with the kernel inside), so their losses are comparable
-step for step. Each transformer block is rematerialised with a policy that saves the attention
-output by name (`attention_out`), so the backward pass recomputes the cheap projections and MLP
-but never the attention.
+step for step. Each transformer block is rematerialised with a policy that saves only the
+attention output, found by its name (`attention_out`): activations stay one tensor per block,
+and the backward recomputes the rest of the block.
 """
 
 from __future__ import annotations
