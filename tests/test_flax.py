@@ -6,6 +6,7 @@ results agree to float32 rounding. Rows whose keys are all masked are compared s
 returns the mean of the values there, flash_jax returns zeros (documented in docs/flax.md).
 """
 
+import functools
 import importlib.util
 import pathlib
 import sys
@@ -373,9 +374,12 @@ def _gpt_forward():
 
 def test_export_round_trip():
   fn, params, x = _gpt_forward()
-  exported = jax.export.export(fn, platforms=["cpu"])(params, x)
-  restored = jax.export.deserialize(exported.serialize())
-  np.testing.assert_allclose(restored.call(params, x), fn(params, x), rtol=1e-6, atol=1e-6)
+  grad_fn = jax.jit(jax.grad(lambda params, x: (fn(params, x) ** 2).sum()))
+  for f in (fn, grad_fn):  # the forward, and the backward primitive through grad
+    exported = jax.export.export(f, platforms=["cpu"])(params, x)
+    restored = jax.export.deserialize(exported.serialize())
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6),
+                 restored.call(params, x), f(params, x))
 
 
 def test_export_for_cuda_needs_the_custom_call_opt_in():
