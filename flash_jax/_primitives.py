@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import batching
 from jax.interpreters import mlir
@@ -48,8 +47,10 @@ def attention_bwd(query, key, value, out, lse, dout, dlse, *optional, config: At
 def _fwd_abstract_eval(query, key, value, *optional, config):
   _validate.check_operands(query, key, value, optional, config)
   batch, seq_q, heads, _ = query.shape
-  return (ShapedArray(query.shape, query.dtype),
-          ShapedArray((batch, heads, seq_q), jnp.float32))
+  # Derived from query's abstract value (not a fresh ShapedArray) so that per-device typing
+  # inside shard_map carries over to the outputs.
+  return (query.update(weak_type=False),
+          query.update(shape=(batch, heads, seq_q), dtype=jnp.float32, weak_type=False))
 
 
 def _bwd_abstract_eval(query, key, value, out, lse, dout, dlse, *optional, config):
@@ -62,10 +63,9 @@ def _bwd_abstract_eval(query, key, value, out, lse, dout, dlse, *optional, confi
     if tuple(aval.shape) != tuple(shape) or aval.dtype != dtype:
       raise ValueError(f"attention backward: `{name}` must be {jnp.dtype(dtype).name}{list(shape)}, "
                        f"got {aval.dtype}{list(aval.shape)}")
-  grads = [ShapedArray(x.shape, x.dtype) for x in (query, key, value)]
+  grads = [x.update(weak_type=False) for x in (query, key, value)]
   if "bias" in config.operands:
-    bias = optional[config.operands.index("bias")]
-    grads.append(ShapedArray(bias.shape, bias.dtype))
+    grads.append(optional[config.operands.index("bias")].update(weak_type=False))
   return tuple(grads)
 
 
