@@ -142,6 +142,13 @@ def test_nnx_is_causal_and_gqa(num_kv_heads):
   np.testing.assert_allclose(ours(x), flax_module(x), **TOL)
 
 
+def test_nnx_gqa_per_head_mask():
+  x = _inputs()
+  mask = jax.random.bernoulli(jax.random.key(9), 0.6, (B, H, S, S)) | jnp.eye(S, dtype=bool)
+  flax_module, with_fn, _ = _nnx_pair(num_kv_heads=2)
+  np.testing.assert_allclose(with_fn(x, mask=mask), flax_module(x, mask=mask), **TOL)
+
+
 def test_nnx_is_causal_is_top_left_across_lengths():
   xq, xkv = _inputs(0, (B, 9, F)), _inputs(1, (B, 21, F))
   flax_module, with_fn, _ = _nnx_pair()
