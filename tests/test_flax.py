@@ -116,6 +116,21 @@ def test_params_load_unchanged_linen():
                              flax_module.apply(params, x, mask=mask), **TOL)
 
 
+def test_params_load_unchanged_inside_a_parent_module():
+  # Auto-named submodules get the same names, so a whole model's params carry over.
+  class Parent(nn.Module):
+    attention: type
+
+    @nn.compact
+    def __call__(self, x):
+      return self.attention(num_heads=H)(x, mask=nn.make_causal_mask(x[..., 0]))
+
+  x = _inputs()
+  params = Parent(nn.MultiHeadDotProductAttention).init(jax.random.key(1), x)
+  np.testing.assert_allclose(Parent(ff.MultiHeadDotProductAttention).apply(params, x),
+                             Parent(nn.MultiHeadDotProductAttention).apply(params, x), **TOL)
+
+
 # --- flax.nnx.MultiHeadAttention ------------------------------------------------------------------
 
 
