@@ -12,8 +12,9 @@ a copy from `period` positions back, which only attention can fetch. The loss fl
 Flash and xla runs build the same parameter tree (flash_jax.flax.MultiHeadDotProductAttention is
 flax.linen.MultiHeadDotProductAttention with the kernel inside), so their losses are comparable
 step for step. Each transformer block is rematerialised with a policy that saves only the
-attention output, found by its name (`attention_out`): activations stay one tensor per block,
-and the backward recomputes the rest of the block.
+attention output, found by its name (`attention_out`), and flash_jax's own residuals
+(`flash_jax_out`, `flash_jax_lse`): activations stay a few tensors per block, the backward
+recomputes the rest of the block but not the attention forward.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ class GPT(nn.Module):
     x = (embed(tokens) + positions[:tokens.shape[-1]]).astype(self.dtype)
     block = Block
     if self.remat:
-      policy = jax.checkpoint_policies.save_only_these_names("attention_out")
+      # flash_jax names its residuals (output and lse) so the backward reuses them instead of
+      # running the attention forward again; the xla path has no such names.
+      policy = jax.checkpoint_policies.save_only_these_names("attention_out", "flash_jax_out",
+                                                             "flash_jax_lse")
       block = nn.remat(Block, policy=policy, static_argnums=(2,))
     for i in range(self.layers):
       x = block(self.heads, self.attention, self.dtype, self.dropout_rate,

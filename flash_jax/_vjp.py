@@ -9,8 +9,15 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from flash_jax import _primitives
+
+# Names of the forward's residuals, for jax.checkpoint policies such as
+# save_only_these_names(OUT_NAME, LSE_NAME): saving both lets a rematerialised backward skip the
+# attention forward entirely.
+OUT_NAME = "flash_jax_out"
+LSE_NAME = "flash_jax_lse"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -21,6 +28,7 @@ def flash_attention(config, query, key, value, *optional):
 
 def _forward(config, query, key, value, *optional):
   out, lse = _primitives.attention_fwd(query, key, value, *optional, config=config)
+  out, lse = checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)
   return (out, lse), (query, key, value, out, lse, optional)
 
 
