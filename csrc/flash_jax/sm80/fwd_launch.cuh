@@ -4,7 +4,7 @@
 // Split-KV heuristic (flash_jax/_cuda.py picks num_splits with this formula and sizes out_accum /
 // lse_accum for it; the kernels accept any num_splits >= 1):
 //   block_m      = 64                                    (query tile of the split kernels)
-//   block_n      = 256 if d_pad <= 64, 128 if d_pad <= 128, else 64
+//   block_n      = 128 if d_pad <= 128, else 64
 //   work         = batch * heads * ceil(seqlen_q / block_m)        CTAs without splitting
 //   n_key_blocks = ceil(seqlen_k / block_n)
 //   num_sms      = multiprocessor count (132 on H100 SXM)
@@ -30,10 +30,13 @@ namespace flash_jax {
 namespace sm80 {
 
 // Tiles per head-dim bucket for the main kernel (query block x key block, warps). Each warp owns
-// 16 * kBlockM / (16 * kNWarps) query rows; 32 rows per warp keeps the shared-memory bytes read
-// per MMA FLOP low enough for H100's mma.sync rate, and kBlockN is then bounded by registers
-// (fp32 scores 32 x kBlockN plus fp32 output 32 x d per warp within 255 registers/thread).
-// Split kernels use 64-row query tiles (decoding has few rows) and longer key tiles.
+// kBlockM / kNWarps query rows; 32 rows per warp halves the shared-memory bytes read per MMA FLOP
+// against 16, and kBlockN is then bounded by registers (fp32 scores 32 x kBlockN plus fp32 output
+// 32 x d per warp, plus double-buffered operand fragments, within 255 registers per thread).
+// Split kernels use 64-row query tiles (decoding has few rows) and longer key tiles: 128 up to
+// d128 (256 spills ~360 bytes at d64: 128 registers of scores plus 128 of K fragments).
+// Measurements: benchmarks/NOTES.md, "Forward kernel" (H100 SXM, bf16, b * s = 16384), run 1,
+// taken before the masked/unmasked loop split; `fwd_check --sweep` re-measures them.
 template <typename Element, int kHeadDim>
 struct FwdConfig;
 
@@ -42,21 +45,25 @@ struct FwdConfig;
 template <typename Element>
 struct FwdConfig<Element, 32> {
   using Main = FwdTraits<Element, 32, 128, 64, 4>;
-  using Split = FwdTraits<Element, 32, 64, 256, 4>;
+  using Split = FwdTraits<Element, 32, 64, 128, 4>;
 };
+// d64: 128x64 measured 251 TFLOP/s at s 16384 against 206 for 128x128 (which spills ~160 bytes,
+// inside its main loop too) and 199 for 256x128 with 8 warps.
 template <typename Element>
 struct FwdConfig<Element, 64> {
-  using Main = FwdTraits<Element, 64, 128, 128, 4>;
-  using Split = FwdTraits<Element, 64, 64, 256, 4>;
+  using Main = FwdTraits<Element, 64, 128, 64, 4>;
+  using Split = FwdTraits<Element, 64, 64, 128, 4>;
 };
 template <typename Element>
 struct FwdConfig<Element, 96> {
   using Main = FwdTraits<Element, 96, 128, 64, 4>;
   using Split = FwdTraits<Element, 96, 64, 128, 4>;
 };
+// d128: 128x32 measured 297 TFLOP/s at s 16384 against 279 for 128x64 (255 registers, the row
+// sums and operand addresses spilled), 276 for 64x64 and 272 for 256x64 with 8 warps.
 template <typename Element>
 struct FwdConfig<Element, 128> {
-  using Main = FwdTraits<Element, 128, 128, 64, 4>;
+  using Main = FwdTraits<Element, 128, 128, 32, 4>;
   using Split = FwdTraits<Element, 128, 64, 128, 4>;
 };
 // d >= 192: 32 rows x d of fp32 output per warp would not fit in registers; 8 warps of 16 rows.
