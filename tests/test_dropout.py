@@ -1,0 +1,147 @@
+"""Fused dropout: values and gradients against the reference with the same key, the mask's
+statistics and reproducibility, no cost at rate 0, masks under vmap, argument errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from flash_jax import _dropout
+from oracle import assert_matches, gpu_param, random_inputs, reference_outputs
+
+RATE = 0.3
+
+
+@pytest.mark.parametrize("device_kind,dtype,causal", [
+    ("cpu", "float32", False), ("cpu", "bfloat16", True), gpu_param("gpu", "bfloat16", True)])
+def test_matches_reference_with_the_same_key(device_kind, dtype, causal):
+  device = jax.devices(device_kind)[0]
+  q, k, v, dout, dlse = random_inputs(1, 2, 37, 45, 4, 2, 16, jnp.dtype(dtype))
+  kwargs = dict(causal=causal, dropout_rate=RATE, dropout_rng=jax.random.key(7))
+
+  @jax.jit
+  def run(q, k, v, dout, dlse):
+    f = lambda q, k, v: flash_jax.attention(q, k, v, return_lse=True, **kwargs)
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    return (out, lse) + vjp((dout, dlse))
+
+  outputs = run(*jax.device_put((q, k, v, dout, dlse), device))
+  ref = reference_outputs(q, k, v, dout, dlse, precision="float64", **kwargs)
+  base = reference_outputs(q, k, v, dout, dlse, precision="input", **kwargs)
+  assert_matches(outputs, ref, base)
+  # The test sees dropout: without it the output is different.
+  assert not np.allclose(np.asarray(outputs[0], np.float32),
+                         np.asarray(flash_jax.attention(q, k, v, causal=causal), np.float32),
+                         atol=1e-2)
+
+
+def test_kept_fraction():
+  for rate in (0.1, 0.5):
+    kept = flash_jax.dropout_mask(jax.random.key(0), 2, 4, 256, 256, rate)
+    assert kept.shape == (2, 4, 256, 256) and kept.dtype == jnp.bool_
+    assert abs(float(kept.mean()) - (1 - rate)) < 0.01
+
+
+def test_same_key_same_output_different_key_different_output():
+  q, k, v, _, _ = random_inputs(2, 2, 33, 33, 2, 2, 16, jnp.float32)
+  run = lambda rng: flash_jax.attention(q, k, v, dropout_rate=RATE, dropout_rng=rng)
+  np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(1)))
+  assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)), atol=1e-3)
+  # Raw uint32 key data is accepted as well as typed keys, with the same mask.
+  np.testing.assert_array_equal(run(jax.random.key_data(jax.random.key(1))),
+                                run(jax.random.key(1)))
+
+
+def _attention_configs(fn, *args):
+  """The AttentionConfig of every flash_jax primitive in fn's jaxpr, nested jaxprs included."""
+  configs = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name.startswith("flash_jax_attention"):
+        configs.append(eqn.params["config"])
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            visit(inner)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return configs
+
+
+def test_rate_zero_has_no_dropout_operand():
+  q, k, v, _, _ = random_inputs(3, 1, 16, 16, 2, 2, 16, jnp.float32)
+  grad = jax.grad(lambda q, rate: flash_jax.attention(
+      q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(0)).sum())
+  without = _attention_configs(lambda q: grad(q, 0.0), q)
+  with_dropout = _attention_configs(lambda q: grad(q, RATE), q)
+  assert len(without) == 2 and len(with_dropout) == 2  # forward and backward
+  assert all("dropout_seed" not in c.operands and c.dropout_rate == 0 for c in without)
+  assert all("dropout_seed" in c.operands for c in with_dropout)
+
+
+def _explicit_dropout_attention(q, k, v, keep, rate):
+  """Naive attention with a given keep mask [b, h, sq, sk]."""
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(q.shape[-1])
+  probs = jnp.where(keep, jax.nn.softmax(scores, axis=-1) / (1 - rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision="highest")
+
+
+def test_vmap_draws_a_mask_per_example_and_the_backward_uses_it():
+  examples, batch, heads, seq_q, seq_k = 3, 2, 4, 21, 27
+  q, k, v, _, _ = random_inputs(4, examples * batch, seq_q, seq_k, heads, 2, 16, jnp.float32)
+  q = q.reshape(examples, batch, seq_q, heads, 16)
+  k, v = k[:batch], v[:batch]
+  rng = jax.random.key(5)
+  f = lambda q: flash_jax.attention(q, k, v, dropout_rate=RATE, dropout_rng=rng)
+  weights = jax.random.normal(jax.random.key(6), q.shape)
+  loss = lambda out: (out * weights).sum()
+
+  # The documented per-example seeds: example e hashes each batch row's seed with e.
+  seeds = _dropout.row_seeds(rng, batch)
+  keeps = []
+  for e in range(examples):
+    zero = jnp.zeros((batch,), jnp.uint32)
+    words = _dropout.philox4x32((zero + e, zero, zero, zero), (seeds[:, 0], seeds[:, 1]))
+    example_seeds = jnp.stack(words[:2], axis=-1)[:, None, None, None, :]
+    keeps.append(_dropout.keep(example_seeds, jnp.arange(heads)[None, :, None, None],
+                               jnp.arange(seq_q)[None, None, :, None],
+                               jnp.arange(seq_k)[None, None, None, :], RATE))
+  assert not bool(jnp.all(keeps[0] == keeps[1]))  # each example its own mask
+
+  expected = jnp.stack([_explicit_dropout_attention(q[e], k, v, keeps[e], RATE)
+                        for e in range(examples)])
+  expected_grad = jnp.stack([
+      jax.grad(lambda x, e=e: (_explicit_dropout_attention(x, k, v, keeps[e], RATE)
+                               * weights[e]).sum())(q[e]) for e in range(examples)])
+  np.testing.assert_allclose(jax.vmap(f)(q), expected, atol=2e-5)
+  grad_of_vmap = jax.grad(lambda q: loss(jax.vmap(f)(q)))(q)
+  vmap_of_grad = jax.vmap(lambda q, w: jax.grad(lambda x: (f(x) * w).sum())(q))(q, weights)
+  np.testing.assert_allclose(grad_of_vmap, expected_grad, atol=2e-5)
+  np.testing.assert_allclose(vmap_of_grad, expected_grad, atol=2e-5)
+
+
+# --- argument errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate,match", [
+    (-0.1, r"`dropout_rate` must be in \[0, 1\), got -0.1"),
+    (1.0, r"`dropout_rate` must be in \[0, 1\), got 1.0"),
+    (True, r"`dropout_rate` must be a Python float in \[0, 1\), got bool"),
+    (jnp.float32(0.1), r"`dropout_rate` must be a Python float in \[0, 1\), got ArrayImpl"),
+])
+def test_bad_dropout_rate(rate, match):
+  q, k, v, _, _ = random_inputs(0, 1, 8, 8, 2, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match=match):
+    flash_jax.attention(q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(0))
+
+
+def test_rate_without_key():
+  q, k, v, _, _ = random_inputs(0, 1, 8, 8, 2, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match=r"`dropout_rng` \(a JAX PRNG key\) is required when "
+                                       r"dropout_rate > 0, got dropout_rate=0.2 and no key"):
+    flash_jax.attention(q, k, v, dropout_rate=0.2)
