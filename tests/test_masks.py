@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import flash_jax
+from flash_jax._config import OPTIONAL_OPERANDS, AttentionConfig
+from flash_jax._vjp import flash_attention
 from oracle import assert_matches, gpu_devices, gpu_param, random_inputs, sample_grid
 from reference_grads import reference_vjp, vjp_outputs
 
@@ -195,3 +197,67 @@ def test_row_with_no_visible_key(device, dtype, how):
   assert bool(jnp.all(lse[b, :, rows] == -jnp.inf))
   for x in (out, lse, dq, dk, dv):
     assert not bool(jnp.any(jnp.isnan(x.astype(jnp.float32))))
+
+
+# --- bad input: one pytest.raises per rule ---------------------------------------------------
+
+
+def _small():
+  q, k, v, _, _ = random_inputs(0, BATCH, 8, 12, HEADS, KV_HEADS, HEAD_DIM, jnp.float32)
+  return q, k, v
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(q_segment_ids=jnp.zeros((BATCH, 8), jnp.int32)),
+     "`q_segment_ids` and `kv_segment_ids` must be given together, got only `q_segment_ids`"),
+    (dict(q_segment_ids=jnp.zeros((BATCH, 9), jnp.int32),
+          kv_segment_ids=jnp.zeros((BATCH, 12), jnp.int32)),
+     r"`q_segment_ids` must have shape \[2, 8\], got \[2, 9\]"),
+    (dict(q_segment_ids=jnp.zeros((BATCH, 8), jnp.int32),
+          kv_segment_ids=jnp.zeros((BATCH, 12), jnp.float32)),
+     r"`kv_segment_ids` must be an integer array of shape \[2, 12\], got float32\[2, 12\]"),
+    (dict(q_lengths=jnp.array([3], jnp.int32)), r"`q_lengths` must have shape \[2\], got \[1\]"),
+    (dict(kv_lengths=jnp.array([3.0, 4.0])), r"`kv_lengths` must be an integer array"),
+    (dict(mask=jnp.ones((8, 12), jnp.float32)), "`mask` must be a boolean array .* float32"),
+    (dict(mask=jnp.ones((BATCH, 3, 8, 12), bool)),
+     r"`mask` must be broadcastable to \[batch, heads, seq_q, seq_k\] = \[2, 4, 8, 12\], got "
+     r"shape \[2, 3, 8, 12\]"),
+    (dict(mask=jnp.ones((1, BATCH, HEADS, 8, 12), bool)), r"`mask` must be broadcastable"),
+    (dict(bias=jnp.ones((8, 12), jnp.int32)), r"`bias` must be a floating array, got int32"),
+    (dict(bias=jnp.ones((8, 13))), r"`bias` must be broadcastable .* got shape \[1, 1, 8, 13\]"),
+    (dict(alibi_slopes=jnp.ones((HEADS + 1,))),
+     r"`alibi_slopes` must be a float array of shape \[4\] or \[2, 4\], got float32\[5\]"),
+    (dict(alibi_slopes=jnp.ones((HEADS,), jnp.int32)), r"`alibi_slopes` must be a float array"),
+    (dict(window=(-2, 0)), r"`window` sizes must be >= -1 \(-1 = unbounded\), got \(-2, 0\)"),
+    (dict(window=(1, -5)), r"`window` sizes must be >= -1 .* got \(1, -5\)"),
+    (dict(window=3), r"`window` must be a pair of Python ints \(left, right\), got 3"),
+    (dict(softcap=-1.0), "`softcap` must be a positive finite float, got -1.0"),
+    (dict(softcap=jnp.float32(2.0)), "`softcap` must be a positive Python float"),
+])
+def test_bad_input(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    flash_jax.attention(*_small(), **kwargs)
+
+
+@pytest.mark.parametrize("name,operand,match", [
+    ("q_positions", jnp.zeros((BATCH, 9), jnp.int32),
+     r"`q_positions` must be integer \[batch\|1, 8\], got int32\[2, 9\]"),
+    ("kv_positions", jnp.zeros((BATCH, 12), jnp.float32),
+     r"`kv_positions` must be integer \[batch\|1, 12\], got float32\[2, 12\]"),
+    ("mask", jnp.ones((BATCH, 3, 8, 12), bool), r"`mask` must be bool \[batch\|1, 4, 8, 12\] "
+                                                r"\(each axis full or 1\), got bool\[2, 3, 8, 12\]"),
+    ("q_lengths", jnp.ones((BATCH, 1), jnp.int32), r"`q_lengths` must be integer \[batch\|1\]"),
+])
+def test_malformed_operands_reaching_the_primitive(name, operand, match):
+  """Operands built internally (positions for attention_varlen) are checked at abstract
+  evaluation too, so a malformed one fails at trace time."""
+  q, k, v = _small()
+  operands = {name: operand}
+  if name in ("q_positions", "kv_positions"):
+    other = "kv_positions" if name == "q_positions" else "q_positions"
+    operands[other] = jnp.zeros((BATCH, 12 if other == "kv_positions" else 8), jnp.int32)
+  names = tuple(n for n in OPTIONAL_OPERANDS if n in operands)
+  config = AttentionConfig(softmax_scale=0.25, operands=names)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda *x: flash_attention(config, *x), q, k, v,
+                   *(operands[n] for n in names))
