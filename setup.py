@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import pathlib
@@ -154,23 +155,39 @@ def _read_depfile(path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _up_to_date(obj: pathlib.Path, depfile: pathlib.Path) -> bool:
+  """Whether obj is newer than its source and every repository header it includes.
+
+  Headers outside the repository (CUDA, CUTLASS) are covered by the configuration key instead:
+  pip's build isolation installs CUTLASS under a temporary path that changes on every build.
+  """
   if not obj.exists() or not depfile.exists():
     return False
   built = obj.stat().st_mtime
+  ours = [p for p in _read_depfile(depfile) if p.is_relative_to(ROOT)]
   try:
-    return all(p.stat().st_mtime <= built for p in _read_depfile(depfile))
+    return all(p.stat().st_mtime <= built for p in ours)
   except OSError:  # a prerequisite was removed
     return False
+
+
+def _configuration_key(nvcc: pathlib.Path, flags: list[str]) -> str:
+  """Identifies everything outside the repository's sources that objects depend on. The
+  repository's location is part of it: dependency files name headers by absolute path."""
+  version = subprocess.run([str(nvcc), "--version"], check=True, capture_output=True,
+                           text=True).stdout
+  cutlass = importlib.metadata.version("nvidia-cutlass")
+  stable_flags = [f for f in flags if not f.startswith(("-I", "-isystem"))]
+  text = "\n".join([str(ROOT), version, f"nvidia-cutlass {cutlass}", *stable_flags])
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def build_kernel_library(nvcc: pathlib.Path, build_root: pathlib.Path) -> pathlib.Path:
   """Compiles the kernels (only what changed) and archives them; returns the library's path."""
   archs = cuda_archs()
-  version = subprocess.run([str(nvcc), "--version"], check=True, capture_output=True,
-                           text=True).stdout
   flags = NVCC_FLAGS + gencode_flags(archs) + [f"-I{CSRC}", f"-isystem={cutlass_include()}"]
-  # One directory per configuration: switching archs or toolkits never mixes objects.
-  key = hashlib.sha256("\n".join([str(nvcc), version, *flags]).encode()).hexdigest()[:12]
+  # One directory per configuration: switching archs, flags, toolkit or CUTLASS never mixes
+  # objects.
+  key = _configuration_key(nvcc, flags)
   out_dir = build_root / "kernels" / f"sm{'_'.join(archs)}-{key}"
   out_dir.mkdir(parents=True, exist_ok=True)
   launcher = _launcher()
