@@ -310,7 +310,7 @@ def _cell(record, key, digits):
   if value >= 100:
     return f"{value:.0f}"
   # Tiny values (smoke runs on CPU) keep three significant digits instead of rounding to 0.
-  return f"{value:.{digits}f}" if value >= 10 ** -digits * 100 else f"{value:.3g}"
+  return f"{value:.{digits}f}" if value >= 10 ** -digits else f"{value:.3g}"
 
 
 def _ratio_rows(by_impl, seqs, key):
