@@ -37,9 +37,10 @@ for step in "$@"; do
       compute-sanitizer --tool memcheck --error-exitcode 3 python3 tools/sanitize_shapes.py \
         >"$OUT/sanitize.log" 2>&1 || status=1
       tail -8 "$OUT/sanitize.log" ;;
-    bench)
-      python3 benchmarks/bench_attention.py ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 |
-        tee "$OUT/bench.log" | tail -60 ;;
+    bench|seed)
+      [[ $step == seed ]] && BENCH_ARGS="--suites seed ${SEED_ARGS:-}"
+      python3 benchmarks/bench_attention.py ${BENCH_ARGS:-} --output "$OUT/$step.json" --no-progress 2>&1 |
+        tee "$OUT/$step.log" | tail -60 ;;
     example)
       for attention in flash xla; do
         python3 examples/train_gpt.py --attention "$attention" ${EXAMPLE_ARGS:-} 2>&1 |
