@@ -191,9 +191,9 @@ def _entry(axes):
 def _optional_spec(name, shape, full, plan):
   """Spec of optional operand `name` of shape `shape`; `full` = (batch, heads, seq_q, seq_k)."""
   batch, heads, seq_q, seq_k = full
-  if name == "q_segment_ids":
+  if name in ("q_segment_ids", "q_positions"):
     return (plan.batch, plan.seq_q)
-  if name == "kv_segment_ids":
+  if name in ("kv_segment_ids", "kv_positions"):
     return (plan.batch, plan.seq_k)
   if name in ("q_lengths", "kv_lengths"):
     return (plan.batch,)
@@ -302,9 +302,9 @@ def _sharding_rule(kind, config, shapes):
   full = {"b": batch, "h": heads, "sq": seq_q, "sk": seq_k}
   optional = []
   for name, shape in zip(config.operands, shapes[_DENSE[kind]:]):
-    if name == "q_segment_ids":
+    if name in ("q_segment_ids", "q_positions"):
       factors = ["b", "sq"]
-    elif name == "kv_segment_ids":
+    elif name in ("kv_segment_ids", "kv_positions"):
       factors = ["b", "sk"]
     elif name in ("q_lengths", "kv_lengths"):
       factors = ["b"]

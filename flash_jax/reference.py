@@ -30,19 +30,21 @@ def reference_attention(query, key, value, *, causal=False, softmax_scale=None, 
   k = jnp.repeat(key.astype(compute_dtype), group, axis=2)
   v = jnp.repeat(value.astype(compute_dtype), group, axis=2)
 
+  # Scores and softmax in float32, or float64 when asked for (the tests' high-precision oracle).
+  score_dtype = jnp.promote_types(compute_dtype, jnp.float32)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      precision=jax.lax.Precision.HIGHEST).astype(jnp.float32) * scale
+                      precision=jax.lax.Precision.HIGHEST).astype(score_dtype) * scale
   if softcap:
     scores = softcap * jnp.tanh(scores / softcap)
   if bias is not None:
-    scores = scores + jnp.broadcast_to(bias, (batch, heads, seq_q, seq_k)).astype(jnp.float32)
+    scores = scores + jnp.broadcast_to(bias, (batch, heads, seq_q, seq_k)).astype(score_dtype)
   offset = 0 if causal_top_left else seq_k - seq_q
   rows = np.arange(seq_q)[:, None] + offset
   cols = np.arange(seq_k)[None, :]
   if alibi_slopes is not None:
-    slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, heads),
+    slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, score_dtype).reshape(-1, heads),
                               (batch, heads))
-    scores = scores - slopes[:, :, None, None] * np.abs(cols - rows).astype(np.float32)
+    scores = scores - slopes[:, :, None, None] * jnp.asarray(np.abs(cols - rows), score_dtype)
   keep = np.ones((seq_q, seq_k), bool)
   if causal:
     keep &= cols <= rows
