@@ -5,7 +5,7 @@
 `attention_fn=` to `flax.linen.MultiHeadDotProductAttention` and `flax.nnx.MultiHeadAttention`.
 `MultiHeadDotProductAttention` (linen) and `MultiHeadAttention` (nnx) are those modules with
 flash attention inside: same constructor, call and parameter tree, plus `causal` and segment ids
-that reach the kernel without a dense mask. docs/flax.md describes the behaviour in full.
+that reach the kernel without a dense mask. README.md ("Flax") describes the behaviour in full.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ nnx modules, the jax.export round trip, and the main example's train step.
 
 Flax's default attention is the oracle: float32 on CPU, where both compute in full precision, so
 results agree to float32 rounding. Rows whose keys are all masked are compared separately: Flax
-returns the mean of the values there, flash_jax returns zeros (documented in docs/flax.md).
+returns the mean of the values there, flash_jax returns zeros (documented in README.md, "Flax").
 """
 
 import functools
