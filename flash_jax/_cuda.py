@@ -95,15 +95,37 @@ def _check_supported(query, key, config: AttentionConfig):
     raise NotImplementedError(
         f"flash_jax on GPU: `query`, `key` and `value` must be float16 or bfloat16 on GPU, got "
         f"{dtype.name}")
-  if config.operands:
+  unsupported = [name for name in config.operands if name not in _KERNEL_OPERANDS]
+  if unsupported:
     raise NotImplementedError(
-        f"flash_jax on GPU: the CUDA kernels do not support {', '.join(config.operands)} yet; "
-        f"expected none of these operands, got {list(config.operands)}")
+        f"flash_jax on GPU: the CUDA kernels do not support {', '.join(unsupported)} yet; "
+        f"expected operands among {list(_KERNEL_OPERANDS)}, got {list(config.operands)}")
   if config.dropout_rate > 0:
     raise NotImplementedError(
         f"flash_jax on GPU: `dropout_rate` must be 0 with the CUDA kernels for now, got "
         f"{config.dropout_rate}")
   _require_kernels()
+
+
+# Optional operands the kernels take, in the order of the custom calls' operands after the
+# tensors. Each is always passed (an absent one as an empty int32 [0] array, with the matching
+# has_* attribute False) so that the FFI handlers have one fixed signature. After the API's
+# normalisation they are int32 with the full batch: [b] lengths, [b, sq] / [b, sk] segment ids.
+_KERNEL_OPERANDS = ("q_lengths", "kv_lengths", "q_segment_ids", "kv_segment_ids")
+
+
+def _mask_operands(config: AttentionConfig, optional):
+  """(operands, attributes) of the masks for the custom calls."""
+  given = dict(zip(config.operands, optional))
+  absent = jnp.zeros((0,), jnp.int32)
+  operands = [given[name].astype(jnp.int32) if name in given else absent
+              for name in _KERNEL_OPERANDS]
+  attributes = dict(
+      has_q_lengths="q_lengths" in given,
+      has_kv_lengths="kv_lengths" in given,
+      has_segment_ids="q_segment_ids" in given,
+  )
+  return operands, attributes
 
 
 def _head_dim_bucket(head_dim: int) -> int:
@@ -165,8 +187,8 @@ def _common_attributes(config: AttentionConfig) -> dict:
 
 def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
   """(out, lse) from the forward kernel; the split-KV workspace outputs are dropped."""
-  del optional  # refused by _check_supported until the kernels take them
   _check_supported(query, key, config)
+  masks, mask_attributes = _mask_operands(config, optional)
   batch, seq_q, heads, head_dim = query.shape
   seq_k = key.shape[1]
   aligned = _aligned_head_dim(head_dim)
@@ -184,15 +206,15 @@ def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
       FWD_TARGET,
       [jax.ShapeDtypeStruct(query.shape, query.dtype),
        jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32), *workspace])
-  out, lse, _, _ = call(query, key, value, num_splits=np.int64(splits),
-                        **_common_attributes(config))
+  out, lse, _, _ = call(query, key, value, *masks, num_splits=np.int64(splits),
+                        **mask_attributes, **_common_attributes(config))
   return out[..., :head_dim], lse
 
 
 def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: AttentionConfig):
   """(dq, dk, dv) from the backward kernel; for GQA the per-query-head dk/dv are summed here."""
-  del optional  # refused by _check_supported until the kernels take them
   _check_supported(query, key, config)
+  masks, mask_attributes = _mask_operands(config, optional)
   batch, seq_q, heads, head_dim = query.shape
   seq_k, kv_heads = key.shape[1], key.shape[2]
   aligned = _aligned_head_dim(head_dim)
@@ -205,8 +227,8 @@ def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: Attenti
       [jax.ShapeDtypeStruct(query.shape, query.dtype), dkv, dkv,
        jax.ShapeDtypeStruct((batch, heads, seq_q_padded, _head_dim_bucket(aligned)), jnp.float32),
        jax.ShapeDtypeStruct((batch, heads, seq_q_padded), jnp.float32)])
-  dq, dk, dv, _, _ = call(query, key, value, out, lse, dout, dlse,
-                          deterministic=bool(config.deterministic),
+  dq, dk, dv, _, _ = call(query, key, value, out, lse, dout, dlse, *masks,
+                          deterministic=bool(config.deterministic), **mask_attributes,
                           **_common_attributes(config))
   if kv_heads != heads:
     group = heads // kv_heads

@@ -18,11 +18,15 @@ from flash_jax import _cuda
 from flash_jax import _primitives
 from flash_jax._config import AttentionConfig
 
+MASK_ATTRS = {"has_q_lengths": "bool", "has_kv_lengths": "bool", "has_segment_ids": "bool"}
 FWD_ATTRS = {"softmax_scale": "f32", "causal": "bool", "causal_top_left": "bool",
-             "window_left": "i64", "window_right": "i64", "softcap": "f32", "num_splits": "i64"}
+             "window_left": "i64", "window_right": "i64", "softcap": "f32", "num_splits": "i64",
+             **MASK_ATTRS}
 BWD_ATTRS = {"softmax_scale": "f32", "causal": "bool", "causal_top_left": "bool",
              "window_left": "i64", "window_right": "i64", "softcap": "f32",
-             "deterministic": "bool"}
+             "deterministic": "bool", **MASK_ATTRS}
+# The four mask operands (q_lengths, kv_lengths, q_segment_ids, kv_segment_ids) when absent.
+NO_MASKS = ["0xi32"] * 4
 
 _CALL = re.compile(r"stablehlo\.custom_call @(?P<target>\w+)\((?P<operands>[^)]*)\) \{(?P<body>.*)"
                    r"\} : \((?P<in_types>.*)\) -> (?P<out_types>.*)$")
@@ -93,7 +97,9 @@ def test_grad_lowers_to_both_custom_calls(causal, return_lse, dtype, shapes):
   assert fwd_attrs["causal_top_left"][0] == "false"
   assert fwd_attrs["window_left"][0] == fwd_attrs["window_right"][0] == "-1"
   assert float(fwd_attrs["softmax_scale"][0]) == pytest.approx(1 / np.sqrt(d), rel=1e-6)
-  assert fwd_in == [f"{b}x{sq}x{h}x{d}x{element}"] + [f"{b}x{sk}x{kv_h}x{d}x{element}"] * 2
+  assert fwd_in == ([f"{b}x{sq}x{h}x{d}x{element}"] + [f"{b}x{sk}x{kv_h}x{d}x{element}"] * 2 +
+                    NO_MASKS)
+  assert all(fwd_attrs[name][0] == "false" for name in MASK_ATTRS)
   bucket = next(x for x in (32, 64, 96, 128, 192, 256) if d <= x)
   splits = int(fwd_attrs["num_splits"][0])
   assert splits == _cuda.num_splits(b, h, sq, sk, bucket)
@@ -107,7 +113,8 @@ def test_grad_lowers_to_both_custom_calls(causal, return_lse, dtype, shapes):
   bwd_attrs, bwd_in, bwd_out = calls[_cuda.BWD_TARGET][0]
   assert {name: t for name, (_, t) in bwd_attrs.items()} == BWD_ATTRS
   assert bwd_attrs["deterministic"][0] == "false"
-  assert len(bwd_in) == 7
+  assert len(bwd_in) == 11 and bwd_in[7:] == NO_MASKS
+  assert all(bwd_attrs[name][0] == "false" for name in MASK_ATTRS)
   sq_padded = -(-sq // 128) * 128
   # dk and dv come back with the query-head count; the group sum happens outside the call.
   assert bwd_out == [f"{b}x{sq}x{h}x{d}x{element}", f"{b}x{sk}x{h}x{d}x{element}",
@@ -119,7 +126,7 @@ def test_head_dim_is_padded_to_a_multiple_of_8():
   spec = _spec((2, 64, 2, 59))
   calls = _custom_calls(_lower_for_cuda(_grad_of(), spec, spec, spec))
   _, fwd_in, fwd_out = calls[_cuda.FWD_TARGET][0]
-  assert fwd_in == ["2x64x2x64xbf16"] * 3
+  assert fwd_in == ["2x64x2x64xbf16"] * 3 + NO_MASKS
   assert fwd_out[0] == "2x64x2x64xbf16"
   _, bwd_in, bwd_out = calls[_cuda.BWD_TARGET][0]
   assert bwd_out[:3] == ["2x64x2x64xbf16"] * 3
@@ -149,7 +156,7 @@ def test_vmap_folds_into_the_batch_of_one_call():
   fn = jax.vmap(lambda q, k, v: flash_jax.attention(q, k, v), in_axes=(0, None, None))
   calls = _custom_calls(_lower_for_cuda(fn, q, kv, kv))
   (_, fwd_in, fwd_out), = calls[_cuda.FWD_TARGET]
-  assert fwd_in == ["15x64x4x32xbf16", "15x96x4x32xbf16", "15x96x4x32xbf16"]
+  assert fwd_in == ["15x64x4x32xbf16", "15x96x4x32xbf16", "15x96x4x32xbf16"] + NO_MASKS
 
 
 def test_attributes_carry_the_config():
@@ -181,11 +188,49 @@ def test_float32_is_refused_at_lowering():
       lowering_platforms=("cpu",))
 
 
+@pytest.mark.parametrize("lengths", [(), ("q_lengths",), ("kv_lengths",),
+                                     ("q_lengths", "kv_lengths")])
+@pytest.mark.parametrize("segment_ids", [False, True])
+def test_lengths_and_segment_ids_reach_both_custom_calls(lengths, segment_ids):
+  b, sq, sk, h, d = 3, 80, 144, 4, 64
+  kwargs = {name: _spec((b,), jnp.int32) for name in lengths}
+  if segment_ids:
+    kwargs.update(q_segment_ids=_spec((b, sq), jnp.int32),
+                  kv_segment_ids=_spec((b, sk), jnp.int32))
+  names = sorted(kwargs)
+
+  def fn(q, k, v, *masks):
+    return _grad_of(causal=True, **dict(zip(names, masks)))(q, k, v)
+
+  q, kv = _spec((b, sq, h, d)), _spec((b, sk, h, d))
+  text = _lower_for_cuda(fn, q, kv, kv, *(kwargs[name] for name in names))
+  calls = _custom_calls(text)
+  assert set(calls) == {_cuda.FWD_TARGET, _cuda.BWD_TARGET}, text
+  assert "dot_general" not in text and "stablehlo.while" not in text
+  expected = [f"{b}xi32" if "q_lengths" in lengths else "0xi32",
+              f"{b}xi32" if "kv_lengths" in lengths else "0xi32",
+              f"{b}x{sq}xi32" if segment_ids else "0xi32",
+              f"{b}x{sk}xi32" if segment_ids else "0xi32"]
+  fwd_attrs, fwd_in, _ = calls[_cuda.FWD_TARGET][0]
+  bwd_attrs, bwd_in, _ = calls[_cuda.BWD_TARGET][0]
+  assert fwd_in[3:] == expected and bwd_in[7:] == expected
+  for attrs in (fwd_attrs, bwd_attrs):
+    assert attrs["has_q_lengths"] == ("true" if "q_lengths" in lengths else "false", "bool")
+    assert attrs["has_kv_lengths"] == ("true" if "kv_lengths" in lengths else "false", "bool")
+    assert attrs["has_segment_ids"] == ("true" if segment_ids else "false", "bool")
+
+
+def test_vmapped_segment_ids_fold_into_the_batch():
+  q, kv = _spec((2, 3, 64, 2, 32)), _spec((2, 3, 96, 2, 32))
+  fn = jax.vmap(lambda q, k, v, qs, ks: flash_jax.attention(q, k, v, q_segment_ids=qs,
+                                                            kv_segment_ids=ks))
+  calls = _custom_calls(_lower_for_cuda(fn, q, kv, kv, _spec((2, 3, 64), jnp.int32),
+                                        _spec((2, 3, 96), jnp.int32)))
+  (_, fwd_in, _), = calls[_cuda.FWD_TARGET]
+  assert fwd_in[3:] == ["0xi32", "0xi32", "6x64xi32", "6x96xi32"]
+
+
 @pytest.mark.parametrize("name, operand", [
-    ("q_segment_ids", _spec((2, 64), jnp.int32)),
-    ("kv_segment_ids", _spec((2, 64), jnp.int32)),
-    ("q_lengths", _spec((2,), jnp.int32)),
-    ("kv_lengths", _spec((2,), jnp.int32)),
     ("mask", _spec((2, 1, 64, 64), jnp.bool_)),
     ("bias", _spec((2, 1, 64, 64), jnp.bfloat16)),
     ("alibi_slopes", _spec((2, 2), jnp.float32)),
@@ -194,7 +239,7 @@ def test_float32_is_refused_at_lowering():
 def test_optional_operands_are_refused_at_lowering(name, operand):
   config = AttentionConfig(softmax_scale=0.125, operands=(name,))
   spec = _spec((2, 64, 2, 64))
-  with pytest.raises(NotImplementedError, match=f"do not support {name}"):
+  with pytest.raises(NotImplementedError, match=f"do not support {name} yet"):
     _lower_for_cuda(lambda *args: _primitives.attention_fwd(*args, config=config), spec, spec,
                     spec, operand)
 

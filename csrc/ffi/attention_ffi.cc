@@ -43,6 +43,7 @@ const char* dtype_name(ffi::DataType dtype) {
     case ffi::DataType::F16: return "float16";
     case ffi::DataType::BF16: return "bfloat16";
     case ffi::DataType::F32: return "float32";
+    case ffi::DataType::S32: return "int32";
     default: return "an unsupported dtype";
   }
 }
@@ -158,6 +159,43 @@ ffi::Error fill_common(AttentionParams& params, const ffi::AnyBuffer& q, const f
   return ffi::Error::Success();
 }
 
+// The optional masks, always passed as operands so that the handler signature is fixed: an absent
+// one is an empty int32 [0] array, and the has_* attributes say which are present (a present one
+// is never empty: batch and sequence lengths are >= 1).
+ffi::Error fill_masks(AttentionParams& params, const ffi::AnyBuffer& q_lengths,
+                      const ffi::AnyBuffer& kv_lengths, const ffi::AnyBuffer& q_segment_ids,
+                      const ffi::AnyBuffer& kv_segment_ids, bool has_q_lengths,
+                      bool has_kv_lengths, bool has_segment_ids) {
+  const int64_t b = params.batch;
+  const Dims absent = {0};
+  struct Operand {
+    const char* name;
+    const ffi::AnyBuffer& buffer;
+    bool present;
+    Dims dims;
+    const int** field;
+  };
+  for (const Operand& operand : {
+           Operand{"q_lengths", q_lengths, has_q_lengths, {b}, &params.q_lengths},
+           Operand{"kv_lengths", kv_lengths, has_kv_lengths, {b}, &params.kv_lengths},
+           Operand{"q_segment_ids", q_segment_ids, has_segment_ids, {b, params.seqlen_q},
+                   &params.q_segment_ids},
+           Operand{"kv_segment_ids", kv_segment_ids, has_segment_ids, {b, params.seqlen_k},
+                   &params.kv_segment_ids},
+       }) {
+    if (auto error = check_buffer(operand.name, operand.buffer, ffi::DataType::S32,
+                                  operand.present ? operand.dims : absent);
+        error.failure()) {
+      return error;
+    }
+    *operand.field =
+        operand.present ? static_cast<const int*>(operand.buffer.untyped_data()) : nullptr;
+  }
+  params.q_segment_ids_batch_stride = params.seqlen_q;
+  params.kv_segment_ids_batch_stride = params.seqlen_k;
+  return ffi::Error::Success();
+}
+
 // A message from the kernels library means a launch failed or a combination slipped past the
 // Python checks: both are internal errors from the user's point of view.
 ffi::Error from_message(const std::string& message) {
@@ -165,14 +203,22 @@ ffi::Error from_message(const std::string& message) {
 }
 
 ffi::Error attention_fwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                         ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::AnyBuffer v, ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                         ffi::AnyBuffer q_segment_ids, ffi::AnyBuffer kv_segment_ids,
+                         ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> out_accum,
                          ffi::Result<ffi::AnyBuffer> lse_accum, float softmax_scale, bool causal,
                          bool causal_top_left, int64_t window_left, int64_t window_right,
-                         float softcap, int64_t num_splits) {
+                         float softcap, int64_t num_splits, bool has_q_lengths,
+                         bool has_kv_lengths, bool has_segment_ids) {
   FwdParams params{};
   if (auto error = fill_common(params, q, k, v, softmax_scale, causal, causal_top_left,
                                window_left, window_right, softcap);
+      error.failure()) {
+    return error;
+  }
+  if (auto error = fill_masks(params, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                              has_q_lengths, has_kv_lengths, has_segment_ids);
       error.failure()) {
     return error;
   }
@@ -215,15 +261,23 @@ ffi::Error attention_fwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                          ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
-                         ffi::AnyBuffer dout, ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
+                         ffi::AnyBuffer dout, ffi::AnyBuffer dlse, ffi::AnyBuffer q_lengths,
+                         ffi::AnyBuffer kv_lengths, ffi::AnyBuffer q_segment_ids,
+                         ffi::AnyBuffer kv_segment_ids, ffi::Result<ffi::AnyBuffer> dq,
                          ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                          ffi::Result<ffi::AnyBuffer> dq_accum,
                          ffi::Result<ffi::AnyBuffer> softmax_d, float softmax_scale, bool causal,
                          bool causal_top_left, int64_t window_left, int64_t window_right,
-                         float softcap, bool deterministic) {
+                         float softcap, bool deterministic, bool has_q_lengths,
+                         bool has_kv_lengths, bool has_segment_ids) {
   BwdParams params{};
   if (auto error = fill_common(params, q, k, v, softmax_scale, causal, causal_top_left,
                                window_left, window_right, softcap);
+      error.failure()) {
+    return error;
+  }
+  if (auto error = fill_masks(params, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                              has_q_lengths, has_kv_lengths, has_segment_ids);
       error.failure()) {
     return error;
   }
@@ -288,6 +342,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionFwdCuda, flash_jax::attention_fwd
                                   .Arg<xla::ffi::AnyBuffer>()   // q
                                   .Arg<xla::ffi::AnyBuffer>()   // k
                                   .Arg<xla::ffi::AnyBuffer>()   // v
+                                  .Arg<xla::ffi::AnyBuffer>()   // q_lengths (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // kv_lengths (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // q_segment_ids (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // kv_segment_ids (or [0])
                                   .Ret<xla::ffi::AnyBuffer>()   // out
                                   .Ret<xla::ffi::AnyBuffer>()   // lse
                                   .Ret<xla::ffi::AnyBuffer>()   // out_accum (workspace)
@@ -298,7 +356,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionFwdCuda, flash_jax::attention_fwd
                                   .Attr<int64_t>("window_left")
                                   .Attr<int64_t>("window_right")
                                   .Attr<float>("softcap")
-                                  .Attr<int64_t>("num_splits"),
+                                  .Attr<int64_t>("num_splits")
+                                  .Attr<bool>("has_q_lengths")
+                                  .Attr<bool>("has_kv_lengths")
+                                  .Attr<bool>("has_segment_ids"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionBwdCuda, flash_jax::attention_bwd,
@@ -311,6 +372,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionBwdCuda, flash_jax::attention_bwd
                                   .Arg<xla::ffi::AnyBuffer>()   // lse
                                   .Arg<xla::ffi::AnyBuffer>()   // dout
                                   .Arg<xla::ffi::AnyBuffer>()   // dlse
+                                  .Arg<xla::ffi::AnyBuffer>()   // q_lengths (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // kv_lengths (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // q_segment_ids (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // kv_segment_ids (or [0])
                                   .Ret<xla::ffi::AnyBuffer>()   // dq
                                   .Ret<xla::ffi::AnyBuffer>()   // dk (query heads)
                                   .Ret<xla::ffi::AnyBuffer>()   // dv (query heads)
@@ -322,5 +387,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionBwdCuda, flash_jax::attention_bwd
                                   .Attr<int64_t>("window_left")
                                   .Attr<int64_t>("window_right")
                                   .Attr<float>("softcap")
-                                  .Attr<bool>("deterministic"),
+                                  .Attr<bool>("deterministic")
+                                  .Attr<bool>("has_q_lengths")
+                                  .Attr<bool>("has_kv_lengths")
+                                  .Attr<bool>("has_segment_ids"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -44,6 +44,19 @@ struct AttentionParams {
   int window_right;
   // 0 disables; else scores s -> softcap * tanh(s / softcap) before masking.
   float softcap;
+
+  // Optional per-batch-row masks, nullptr when absent (device pointers, int32).
+  //   q_lengths [batch], kv_lengths [batch]: keys >= kv_lengths[b] are masked and query rows
+  //   >= q_lengths[b] see no key (output 0, lse -inf, zero gradients); values above seqlen are
+  //   capped, negative ones count as 0. The causal diagonal stays aligned to seqlen_q/seqlen_k.
+  const int* q_lengths;
+  const int* kv_lengths;
+  //   q_segment_ids [batch, seqlen_q], kv_segment_ids [batch, seqlen_k] (unit stride along the
+  //   sequence; both present or both absent): query i sees key j only when their ids are equal.
+  const int* q_segment_ids;
+  const int* kv_segment_ids;
+  int64_t q_segment_ids_batch_stride;
+  int64_t kv_segment_ids_batch_stride;
 };
 
 struct FwdParams : AttentionParams {

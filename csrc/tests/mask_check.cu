@@ -26,7 +26,7 @@ int main() {
     p.causal_top_left = pick(0, 1);
     p.window_left = pick(0, 2) ? -1 : pick(0, 120);
     p.window_right = pick(0, 2) ? -1 : pick(0, 120);
-    const KeyRangeMask mask = KeyRangeMask::make(p);
+    const KeyRangeMask mask = KeyRangeMask::make(p, 0);
     const int block_m = 16 << pick(0, 3), block_n = 16 << pick(0, 4);
     const int offset = p.causal_top_left ? 0 : p.seqlen_k - p.seqlen_q;
     auto visible = [&](int i, int j) {

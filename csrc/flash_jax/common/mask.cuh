@@ -1,5 +1,6 @@
-// Which keys a query row may see: causal limit (either alignment), sliding window and the
-// sequence ends. Shared by the forward and backward kernels of every architecture.
+// Which keys a query row may see: causal limit (either alignment), sliding window, the sequence
+// ends (per batch row with q_lengths / kv_lengths) and segment ids. Shared by the forward and
+// backward kernels of every architecture.
 //
 // Every combination of these masks leaves each query row a contiguous interval of keys, so the
 // mask is kept as the band  diagonal_offset - left <= key - query <= diagonal_offset + right
@@ -9,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cmath>
 
 #include <cute/tensor.hpp>
@@ -22,6 +24,9 @@ struct KeyRangeMask {
   // for any sequence length below 2^29.
   static constexpr int kUnbounded = 1 << 30;
 
+  // Valid extents of this batch row: the sequence lengths capped by q_lengths[b] / kv_lengths[b].
+  // Keys past seqlen_k are masked like the padding of a tile; query rows past seqlen_q see no key
+  // (the kernels write them as fully masked rows). The diagonal stays aligned to the full lengths.
   int seqlen_q;
   int seqlen_k;
   int diagonal_offset;  // query i is aligned with key i + diagonal_offset
@@ -31,14 +36,23 @@ struct KeyRangeMask {
   // Causal is the window's right side clamped to 0; window sides of -1 are unbounded. The diagonal
   // is bottom-right aligned (offset seqlen_k - seqlen_q) unless causal_top_left, for the window
   // too, whether or not causal is set.
-  __host__ __device__ static KeyRangeMask make(const AttentionParams& p) {
+  // Lengths are read once per CTA here, outside every loop: without them the fields are the
+  // parameters themselves.
+  __host__ __device__ static KeyRangeMask make(const AttentionParams& p, int batch) {
     KeyRangeMask m;
-    m.seqlen_q = p.seqlen_q;
-    m.seqlen_k = p.seqlen_k;
+    m.seqlen_q = valid_length(p.seqlen_q, p.q_lengths, batch);
+    m.seqlen_k = valid_length(p.seqlen_k, p.kv_lengths, batch);
     m.diagonal_offset = p.causal_top_left ? 0 : p.seqlen_k - p.seqlen_q;
     m.left = p.window_left < 0 ? kUnbounded : p.window_left;
     m.right = p.causal ? 0 : (p.window_right < 0 ? kUnbounded : p.window_right);
     return m;
+  }
+
+  // min(seqlen, lengths[batch]) clamped at 0, or seqlen without lengths.
+  __host__ __device__ static int valid_length(int seqlen, const int* lengths, int batch) {
+    if (lengths == nullptr) return seqlen;
+    const int length = lengths[batch];
+    return length < 0 ? 0 : (length < seqlen ? length : seqlen);
   }
 
   // First and last key (inclusive) that query `row` sees; empty when last < first.
@@ -62,6 +76,11 @@ struct KeyRangeMask {
   // when every such row is fully masked.
   __host__ __device__ void key_block_range(int row_begin, int row_end, int block_n,
                                            int* block_begin, int* block_end) const {
+    // No rows (a query block entirely past q_lengths[b]): the band alone would not empty it.
+    if (row_end <= row_begin) {
+      *block_begin = *block_end = 0;
+      return;
+    }
     int first = key_first(row_begin);
     int last = key_last(row_end - 1);
     *block_begin = first / block_n;
@@ -72,6 +91,11 @@ struct KeyRangeMask {
   // clipped to seqlen_k): the backward's loop range for one key block. Empty when end <= first.
   __host__ __device__ void query_row_range(int col_begin, int col_end, int* first_row,
                                            int* end_row) const {
+    // No keys (a key block entirely past kv_lengths[b]).
+    if (col_end <= col_begin) {
+      *first_row = *end_row = 0;
+      return;
+    }
     long long first = (long long)col_begin - diagonal_offset - right;
     long long end = (long long)col_end - 1 - diagonal_offset + left + 1;
     *first_row = (int)(first < 0 ? 0 : first);
@@ -112,6 +136,63 @@ struct KeyRangeMask {
       int row = row_offset + static_cast<int>(cute::get<0>(coords(i)));
       int col = col_offset + static_cast<int>(cute::get<1>(coords(i)));
       if (!allowed(row, col)) scores(i) = -INFINITY;
+    }
+  }
+};
+
+// Segment ids of one batch row: query i sees key j only when q_ids[i] == kv_ids[j]. Tiles are
+// skipped or left unmasked from the min/max of each tile's ids, computed on the fly (no
+// per-tile metadata in memory); that is exact for sorted (packed) ids and stays correct for any
+// order, where it only skips less.
+struct SegmentMask {
+  const int* q_ids;   // [seqlen_q] of this batch row
+  const int* kv_ids;  // [seqlen_k] of this batch row
+
+  __device__ static SegmentMask make(const AttentionParams& p, int batch) {
+    return {p.q_segment_ids + batch * p.q_segment_ids_batch_stride,
+            p.kv_segment_ids + batch * p.kv_segment_ids_batch_stride};
+  }
+
+  // (min, max) of ids[begin, end), end > begin, computed by every warp on its own: the result is
+  // uniform across the CTA without shared memory or a barrier.
+  __device__ static int2 warp_range(const int* ids, int begin, int end) {
+    int lo = INT_MAX, hi = INT_MIN;
+    for (int i = begin + static_cast<int>(threadIdx.x % 32); i < end; i += 32) {
+      const int id = __ldg(ids + i);
+      lo = min(lo, id);
+      hi = max(hi, id);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
+      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
+    }
+    return make_int2(lo, hi);
+  }
+  // Empty ranges (begin >= end) come back as (INT_MAX, INT_MIN): they overlap nothing.
+  __device__ int2 q_range(int begin, int end) const { return warp_range(q_ids, begin, end); }
+  __device__ int2 kv_range(int begin, int end) const { return warp_range(kv_ids, begin, end); }
+
+  // Whether some query of one tile may share an id with some key of another.
+  __device__ static bool may_match(int2 q, int2 kv) { return q.x <= kv.y && kv.x <= q.y; }
+  // Whether every query of the tile shares the id of every key: no per-element test needed.
+  __device__ static bool all_match(int2 q, int2 kv) {
+    return q.x == q.y && kv.x == kv.y && q.x == kv.x;
+  }
+
+  // Sets scores of mismatched (query, key) pairs to -inf; same conventions as
+  // KeyRangeMask::apply. Only rows < seqlen_q and keys < seqlen_k are read (the others are
+  // masked by the key range or never written).
+  template <typename ScoreTensor, typename CoordTensor>
+  __device__ void apply(ScoreTensor& scores, const CoordTensor& coords, int row_offset,
+                        int col_offset, int seqlen_q, int seqlen_k) const {
+#pragma unroll
+    for (int i = 0; i < cute::size(scores); ++i) {
+      int row = row_offset + static_cast<int>(cute::get<0>(coords(i)));
+      int col = col_offset + static_cast<int>(cute::get<1>(coords(i)));
+      if (row < seqlen_q && col < seqlen_k && __ldg(q_ids + row) != __ldg(kv_ids + col)) {
+        scores(i) = -INFINITY;
+      }
     }
   }
 };

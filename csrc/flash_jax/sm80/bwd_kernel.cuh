@@ -17,7 +17,14 @@
 //
 // The gradient of the lse output enters only through D (softmax_d = rowsum(dO * O) - dlse), so
 // dS = P * (dP - rowsum(dO * O) + dlse). Rows with lse = -inf (no visible key) and rows past
-// seqlen_q use lse = +inf, making P and dS exactly zero there.
+// seqlen_q use lse = +inf, making P and dS exactly zero there. Rows past q_lengths[b] and keys
+// past kv_lengths[b] are treated like rows and keys past the sequence ends: zero-filled loads
+// (never reading what the caller left there, which may be NaN), lse = -inf and D = 0, so they
+// contribute nothing and their gradients are zero.
+//
+// kSegmentIds (template flag, the plain path carries no id loads): tiles whose query and key id
+// ranges cannot match skip all products; the rest apply the per-element id test unless every id
+// of both tiles is one and the same.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -72,9 +79,11 @@ __global__ void __launch_bounds__(256)
   const int col = (threadIdx.x % Shape::kThreadsPerRow) * 8;
   const int64_t bh = int64_t(batch) * params.heads + head;
   const int64_t padded_row = bh * padded_seqlen_q(params.seqlen_q) + row;
+  // Rows past q_lengths[b] get D = 0 like the padding: their out/dout are never read.
+  const int q_limit = KeyRangeMask::valid_length(params.seqlen_q, params.q_lengths, batch);
 
   float dot = 0.f;
-  if (row < params.seqlen_q && col < params.head_dim) {
+  if (row < q_limit && col < params.head_dim) {
     const Element* out = static_cast<const Element*>(params.out) + batch * params.o_batch_stride +
                          row * params.o_row_stride + head * params.o_head_stride + col;
     const Element* dout = static_cast<const Element*>(params.dout) +
@@ -89,7 +98,7 @@ __global__ void __launch_bounds__(256)
   dot = lanes_sum<Shape::kThreadsPerRow>(dot);
   if (threadIdx.x % Shape::kThreadsPerRow == 0) {
     float d = 0.f;
-    if (row < params.seqlen_q) {
+    if (row < q_limit) {
       d = dot - (params.dlse != nullptr ? params.dlse[bh * params.seqlen_q + row] : 0.f);
     }
     params.softmax_d[padded_row] = d;
@@ -167,9 +176,12 @@ __device__ __forceinline__ void row_stats_from_smem(const float* smem_lse, const
 // once to dK and dQ at the end). With softcap the logit is softcap * t, t = tanh(q.k * scale /
 // softcap), and the extra factor is 1 - t^2; masked entries (t = -inf, P = 0) clamp it to 0 so
 // that 0 * inf never appears.
-template <bool kSoftcap, int kRows, typename AccS, typename AccDp, typename Coords>
+// With kSegmentIds, ids_all_match says that the tile needs no per-element id test.
+template <bool kSoftcap, bool kSegmentIds, int kRows, typename AccS, typename AccDp,
+          typename Coords>
 __device__ __forceinline__ void probs_and_dscores(AccS& acc_s, AccDp& acc_dp, const Coords& coords,
                                                   const KeyRangeMask& mask,
+                                                  const SegmentMask& segments, bool ids_all_match,
                                                   const Softcap& softcap, float scale_log2,
                                                   const float (&lse_log2)[kRows],
                                                   const float (&row_d)[kRows], int row_begin,
@@ -177,6 +189,11 @@ __device__ __forceinline__ void probs_and_dscores(AccS& acc_s, AccDp& acc_dp, co
   if constexpr (kSoftcap) softcap.apply(acc_s);
   if (!mask.tile_fully_allowed(row_begin, row_end, col_begin, col_begin + col_block)) {
     mask.apply(acc_s, coords, row_begin, col_begin);
+  }
+  if constexpr (kSegmentIds) {
+    if (!ids_all_match) {
+      segments.apply(acc_s, coords, row_begin, col_begin, mask.seqlen_q, mask.seqlen_k);
+    }
   }
   Tensor scores = accum_rowcol(acc_s);
   Tensor dscores = accum_rowcol(acc_dp);
@@ -204,7 +221,7 @@ __device__ __forceinline__ auto head_tiles(Element* base, int seqlen, int64_t ro
 }
 
 // ---------------------------------------------------------------------------------------------
-template <typename Traits, bool kSoftcap, bool kAccumulateDq>
+template <typename Traits, bool kSoftcap, bool kAccumulateDq, bool kSegmentIds>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dkdv_kernel(const __grid_constant__ BwdParams params) {
   using Element = typename Traits::Element;
@@ -221,13 +238,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_q = params.seqlen_q;
   const int seqlen_k = params.seqlen_k;
 
-  const KeyRangeMask mask = KeyRangeMask::make(params);
+  const KeyRangeMask mask = KeyRangeMask::make(params, batch);
   const Softcap softcap = Softcap::make(params.softmax_scale, params.softcap);
   const float scale_log2 = SoftmaxScales::make(params.softmax_scale, params.softcap).scale_log2;
 
   const int key_begin = n_block * kBlockN;
   int first_row, end_row;
-  mask.query_row_range(key_begin, min(key_begin + kBlockN, seqlen_k), &first_row, &end_row);
+  mask.query_row_range(key_begin, min(key_begin + kBlockN, mask.seqlen_k), &first_row, &end_row);
   const int m_block_begin = first_row / kBlockM;
   const int m_block_end = end_row > first_row ? (end_row + kBlockM - 1) / kBlockM : m_block_begin;
 
@@ -305,7 +322,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor tKcK =
       gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   auto load_q_do = [&](int m_block, int stage) {
-    const int rows = seqlen_q - m_block * kBlockM;
+    const int rows = mask.seqlen_q - m_block * kBlockM;
     load_tile_async(gmem_tiled_copy, tQgQ(_, _, _, m_block), gmem_thr_copy.partition_D(sQ(stage)),
                     tQcQ, rows, params.head_dim);
     load_tile_async(gmem_tiled_copy, tdOgdO(_, _, _, m_block),
@@ -313,7 +330,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (tid < kBlockM) {
       const int row = m_block * kBlockM + tid;
       cp_async_f32(smem_d + stage * kBlockM + tid, softmax_d + row);  // padded: always in bounds
-      if (row < seqlen_q) {
+      if (row < mask.seqlen_q) {
         cp_async_f32(smem_lse + stage * kBlockM + tid, lse + row);
       } else {
         smem_lse[stage * kBlockM + tid] = -INFINITY;
@@ -388,11 +405,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor coords_dq =
       thr_mma_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
 
+  SegmentMask segments{};
+  int2 kv_ids{};
   if (m_block_begin < m_block_end) {
+    if constexpr (kSegmentIds) {
+      segments = SegmentMask::make(params, batch);
+      kv_ids = segments.kv_range(key_begin, min(key_begin + kBlockN, mask.seqlen_k));
+    }
     load_tile_async(gmem_tiled_copy, gmem_thr_copy.partition_S(gK),
-                    gmem_thr_copy.partition_D(sK), tKcK, seqlen_k - key_begin, params.head_dim);
+                    gmem_thr_copy.partition_D(sK), tKcK, mask.seqlen_k - key_begin,
+                    params.head_dim);
     load_tile_async(gmem_tiled_copy, gmem_thr_copy.partition_S(gV),
-                    gmem_thr_copy.partition_D(sV), tKcK, seqlen_k - key_begin, params.head_dim);
+                    gmem_thr_copy.partition_D(sV), tKcK, mask.seqlen_k - key_begin,
+                    params.head_dim);
     load_q_do(m_block_begin, 0);
     cp_async_fence();
   }
@@ -408,6 +433,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (m_block + 1 < m_block_end) {
       load_q_do(m_block + 1, stage ^ 1);
       cp_async_fence();
+    }
+    // Query blocks whose ids cannot match skip every product (the loads stay in the pipeline).
+    bool ids_all_match = true;
+    if constexpr (kSegmentIds) {
+      const int2 q_ids = segments.q_range(row_begin, min(row_begin + kBlockM, mask.seqlen_q));
+      if (!SegmentMask::may_match(q_ids, kv_ids)) continue;
+      ids_all_match = SegmentMask::all_match(q_ids, kv_ids);
     }
 
     // dP before S: the probabilities and dS are then formed in one pass with nothing but the
@@ -426,9 +458,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     float row_d[kRows];
     row_stats_from_smem(smem_lse + stage * kBlockM, smem_d + stage * kBlockM, coords_s_rowcol,
                         lse_log2, row_d);
-    probs_and_dscores<kSoftcap>(acc_s, acc_dp, coords_s, mask, softcap, scale_log2, lse_log2,
-                                row_d, row_begin, min(row_begin + kBlockM, seqlen_q), key_begin,
-                                kBlockN);
+    probs_and_dscores<kSoftcap, kSegmentIds>(acc_s, acc_dp, coords_s, mask, segments,
+                                             ids_all_match, softcap, scale_log2, lse_log2, row_d,
+                                             row_begin, min(row_begin + kBlockM, seqlen_q),
+                                             key_begin, kBlockN);
 
     Tensor p_elem = make_tensor<Element>(acc_s.layout());
     convert_fragment(acc_s, p_elem);
@@ -500,7 +533,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: one CTA per (query block, head, batch), key blocks visited in ascending order,
 // dQ accumulated in registers: no atomics, so the result is bitwise reproducible.
-template <typename Traits, bool kSoftcap>
+template <typename Traits, bool kSoftcap, bool kSegmentIds>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dq_kernel(const __grid_constant__ BwdParams params) {
   using Element = typename Traits::Element;
@@ -517,12 +550,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_q = params.seqlen_q;
   const int seqlen_k = params.seqlen_k;
 
-  const KeyRangeMask mask = KeyRangeMask::make(params);
+  const KeyRangeMask mask = KeyRangeMask::make(params, batch);
   const Softcap softcap = Softcap::make(params.softmax_scale, params.softcap);
   const float scale_log2 = SoftmaxScales::make(params.softmax_scale, params.softcap).scale_log2;
 
   const int row_begin = m_block * kBlockM;
-  const int row_end = min(row_begin + kBlockM, seqlen_q);
+  const int row_end = min(row_begin + kBlockM, mask.seqlen_q);
   int n_block_begin, n_block_end;
   mask.key_block_range(row_begin, row_end, kBlockN, &n_block_begin, &n_block_end);
 
@@ -582,7 +615,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor tKcK =
       gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   auto load_k_v = [&](int n_block, int stage) {
-    const int rows = seqlen_k - n_block * kBlockN;
+    const int rows = mask.seqlen_k - n_block * kBlockN;
     load_tile_async(gmem_tiled_copy, tKgK(_, _, _, n_block), gmem_thr_copy.partition_D(sK(stage)),
                     tKcK, rows, params.head_dim);
     load_tile_async(gmem_tiled_copy, tVgV(_, _, _, n_block), gmem_thr_copy.partition_D(sV(stage)),
@@ -624,16 +657,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kRows = decltype(size<0>(coords_s_rowcol))::value;
   float lse_log2[kRows];
   float row_d[kRows];
-  load_row_stats(lse, softmax_d, seqlen_q, row_begin, coords_s_rowcol, lse_log2, row_d);
+  load_row_stats(lse, softmax_d, mask.seqlen_q, row_begin, coords_s_rowcol, lse_log2, row_d);
 
   Tensor acc_dq = partition_fragment_C(tiled_mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_dq);
 
+  SegmentMask segments{};
+  int2 q_ids{};
   if (n_block_begin < n_block_end) {
+    if constexpr (kSegmentIds) {
+      segments = SegmentMask::make(params, batch);
+      q_ids = segments.q_range(row_begin, row_end);
+    }
     load_tile_async(gmem_tiled_copy, gmem_thr_copy.partition_S(gQ), gmem_thr_copy.partition_D(sQ),
-                    tQcQ, seqlen_q - row_begin, params.head_dim);
+                    tQcQ, mask.seqlen_q - row_begin, params.head_dim);
     load_tile_async(gmem_tiled_copy, gmem_thr_copy.partition_S(gdO),
-                    gmem_thr_copy.partition_D(sdO), tQcQ, seqlen_q - row_begin, params.head_dim);
+                    gmem_thr_copy.partition_D(sdO), tQcQ, mask.seqlen_q - row_begin,
+                    params.head_dim);
     load_k_v(n_block_begin, 0);
     cp_async_fence();
   }
@@ -647,6 +687,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       load_k_v(n_block + 1, stage ^ 1);
       cp_async_fence();
     }
+    // Key blocks whose ids cannot match skip every product (the loads stay in the pipeline).
+    bool ids_all_match = true;
+    if constexpr (kSegmentIds) {
+      const int2 kv_ids = segments.kv_range(key_begin, min(key_begin + kBlockN, mask.seqlen_k));
+      if (!SegmentMask::may_match(q_ids, kv_ids)) continue;
+      ids_all_match = SegmentMask::all_match(q_ids, kv_ids);
+    }
 
     Tensor acc_dp = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
@@ -658,8 +705,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, tSsQ, smem_thr_copy_b_sdp.partition_S(sK(stage)),
               smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
               smem_thr_copy_b_sdp);
-    probs_and_dscores<kSoftcap>(acc_s, acc_dp, coords_s, mask, softcap, scale_log2, lse_log2,
-                                row_d, row_begin, row_end, key_begin, kBlockN);
+    probs_and_dscores<kSoftcap, kSegmentIds>(acc_s, acc_dp, coords_s, mask, segments,
+                                             ids_all_match, softcap, scale_log2, lse_log2, row_d,
+                                             row_begin, row_end, key_begin, kBlockN);
     Tensor ds_elem = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, ds_elem);
     copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(ds_elem), tdSsdS);

@@ -72,6 +72,9 @@ inline std::string check_params(const BwdParams& p, int bucket) {
     return "head_dim_padded " + std::to_string(p.head_dim_padded) + " does not match bucket " +
            std::to_string(bucket);
   }
+  if ((p.q_segment_ids == nullptr) != (p.kv_segment_ids == nullptr)) {
+    return "q_segment_ids and kv_segment_ids must be given together";
+  }
   if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) {
     return "heads (" + std::to_string(p.heads) + ") must be a multiple of kv_heads (" +
            std::to_string(p.kv_heads) + ")";
@@ -142,6 +145,25 @@ std::string launch_row_kernel(Kernel kernel, const char* name, dim3 grid, cudaSt
   return "";
 }
 
+// dK/dV (with atomic dQ) or, when deterministic, dK/dV then the dQ kernel, for one combination
+// of the template flags.
+template <typename Traits, bool kSoftcap, bool kSegmentIds>
+std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t stream) {
+  const unsigned heads = params.heads;
+  const unsigned batch = params.batch;
+  const dim3 key_grid((params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, heads, batch);
+  if (!params.deterministic) {
+    return launch(dkdv_kernel<Traits, kSoftcap, true, kSegmentIds>, "backward dK/dV/dQ", key_grid,
+                  Traits::kSmemBytesDkDv, smem_limit, stream, params);
+  }
+  std::string error = launch(dkdv_kernel<Traits, kSoftcap, false, kSegmentIds>, "backward dK/dV",
+                             key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params);
+  if (!error.empty()) return error;
+  const dim3 query_grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, heads, batch);
+  return launch(dq_kernel<Traits, kSoftcap, kSegmentIds>, "backward deterministic dQ", query_grid,
+                Traits::kSmemBytesDq, smem_limit, stream, params);
+}
+
 }  // namespace bwd
 
 template <typename Element, int kHeadDim>
@@ -166,26 +188,16 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
       /*zero_dq_accum=*/!params.deterministic);
   if (!error.empty()) return "flash_jax " + error;
 
-  const dim3 key_grid((params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, heads, batch);
-  if (params.deterministic) {
-    error = softcap ? bwd::launch(bwd::dkdv_kernel<Traits, true, false>, "backward dK/dV",
-                                  key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params)
-                    : bwd::launch(bwd::dkdv_kernel<Traits, false, false>, "backward dK/dV",
-                                  key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params);
-    if (!error.empty()) return "flash_jax " + error;
-    const dim3 query_grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, heads, batch);
-    error = softcap ? bwd::launch(bwd::dq_kernel<Traits, true>, "backward deterministic dQ",
-                                  query_grid, Traits::kSmemBytesDq, smem_limit, stream, params)
-                    : bwd::launch(bwd::dq_kernel<Traits, false>, "backward deterministic dQ",
-                                  query_grid, Traits::kSmemBytesDq, smem_limit, stream, params);
-    return error.empty() ? "" : "flash_jax " + error;
+  const bool segment_ids = params.q_segment_ids != nullptr;
+  if (softcap) {
+    error = segment_ids ? bwd::launch_main<Traits, true, true>(params, smem_limit, stream)
+                        : bwd::launch_main<Traits, true, false>(params, smem_limit, stream);
+  } else {
+    error = segment_ids ? bwd::launch_main<Traits, false, true>(params, smem_limit, stream)
+                        : bwd::launch_main<Traits, false, false>(params, smem_limit, stream);
   }
-
-  error = softcap ? bwd::launch(bwd::dkdv_kernel<Traits, true, true>, "backward dK/dV/dQ",
-                                key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params)
-                  : bwd::launch(bwd::dkdv_kernel<Traits, false, true>, "backward dK/dV/dQ",
-                                key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params);
   if (!error.empty()) return "flash_jax " + error;
+  if (params.deterministic) return "";
   const dim3 row_grid((params.seqlen_q + RowShape::kRowsPerBlock - 1) / RowShape::kRowsPerBlock,
                       heads, batch);
   if (row_grid.x == 0) return "";

@@ -155,7 +155,10 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 // normalised partial output and lse to out_accum / lse_accum for fwd_combine_kernel.
 // kSoftcap: params.softcap > 0 (a template flag for the same reason as kMasked below: the tanh
 // doubles the MUFU work per score and must not be issued predicated-off).
-template <typename Traits, bool kSplit, bool kSoftcap>
+// kSegmentIds: params.q_segment_ids / kv_segment_ids are given (a template flag so that the
+// plain path carries neither the id loads nor the per-block range checks). q_lengths /
+// kv_lengths need no flag: they only narrow the mask's extents, read once per CTA.
+template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_constant__ FwdParams params) {
   using namespace cute;
   using Element = typename Traits::Element;
@@ -174,15 +177,29 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   const int kv_head = head / (params.heads / params.kv_heads);
   const int thread = threadIdx.x;
 
-  const KeyRangeMask mask = KeyRangeMask::make(params);
+  const KeyRangeMask mask = KeyRangeMask::make(params, batch);
   const int row_begin = m_block * kBlockM;
-  const int row_end = min(row_begin + kBlockM, params.seqlen_q);
+  const int row_end = min(row_begin + kBlockM, mask.seqlen_q);
   int n_block_begin, n_block_end;
   mask.key_block_range(row_begin, row_end, kBlockN, &n_block_begin, &n_block_end);
   if (kSplit) {
     const int blocks_per_split = ceil_div(ceil_div(params.seqlen_k, kBlockN), params.num_splits);
     n_block_begin = max(n_block_begin, split * blocks_per_split);
     n_block_end = min(n_block_end, (split + 1) * blocks_per_split);
+  }
+  // Segment ids: key blocks whose id range misses the query tile's are skipped; the walk from
+  // the last block down starts at the first one that may match.
+  SegmentMask segments{};
+  int2 q_ids{};
+  auto kv_ids = [&](int n) {
+    return segments.kv_range(n * kBlockN, min((n + 1) * kBlockN, mask.seqlen_k));
+  };
+  if constexpr (kSegmentIds) {
+    segments = SegmentMask::make(params, batch);
+    q_ids = segments.q_range(row_begin, row_end);
+    while (n_block_end > n_block_begin && !SegmentMask::may_match(q_ids, kv_ids(n_block_end - 1))) {
+      --n_block_end;
+    }
   }
 
   typename Traits::TiledMma tiled_mma;
@@ -254,11 +271,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
 
     Tensor s_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
     const Softcap softcap = Softcap::make(params.softmax_scale, kSoftcap ? params.softcap : 1.f);
-    const int seqlen_k = params.seqlen_k;
+    const int seqlen_k = mask.seqlen_k;
     int n_unmasked_begin, n_unmasked_end;
     mask.unmasked_key_block_range(row_begin, row_end, kBlockN, &n_unmasked_begin, &n_unmasked_end);
 
-    load_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, col_ok, params.seqlen_q - row_begin);
+    load_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, col_ok, mask.seqlen_q - row_begin);
     // The last key block is the only one that can extend past seqlen_k.
     {
       const int n = n_block_end - 1;
@@ -267,11 +284,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     cp_async_fence();
     clear(acc_o);
 
-    // One key block. kMasked: per-element mask and row-checked V load. A compile-time flag and
+    // One key block n; `next` is the block processed after it (its K is loaded here), below
+    // n_block_begin for none. kMasked: per-element mask and row-checked V load. A compile-time flag and
     // separate loops (not a uniform run-time branch): the compiler if-converts such a branch and
     // then issues the mask's ~250 compares/selects predicated-off in every iteration, with the
     // registers they need (measured: d64 at 250 instead of >300 TFLOP/s, spills at d128).
-    auto key_block = [&](int n, auto masked) __attribute__((always_inline)) {
+    auto key_block = [&](int n, int next, auto masked) __attribute__((always_inline)) {
       constexpr bool kMasked = decltype(masked)::value;
       Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
@@ -282,12 +300,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
 
       gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread);
       if constexpr (kSoftcap) softcap.apply(acc_s);
-      if constexpr (kMasked) mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
+      if constexpr (kMasked) {
+        mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
+        if constexpr (kSegmentIds) {
+          segments.apply(acc_s, s_coords, row_begin, n * kBlockN, mask.seqlen_q, seqlen_k);
+        }
+      }
 
       cp_async_wait<0>();
       __syncthreads();
-      if (n > n_block_begin) {
-        load_tile<false>(gmem_tiled_copy, tKgK(n - 1), tKsK, tKVcKV, col_ok, kBlockN);
+      if (next >= n_block_begin) {
+        load_tile<false>(gmem_tiled_copy, tKgK(next), tKsK, tKVcKV, col_ok, kBlockN);
         cp_async_fence();
       }
 
@@ -302,16 +325,47 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     // diagonal, window right edge), then the unmasked interval, then those at the window's left
     // edge. Only unmasked blocks lie inside seqlen_k entirely, so only masked ones check rows.
     softmax.init();
-    int n = n_block_end - 1;
-    for (; n >= n_block_begin && n >= n_unmasked_end; --n) key_block(n, cute::true_type{});
-    for (; n >= n_block_begin && n >= n_unmasked_begin; --n) key_block(n, cute::false_type{});
-    for (; n >= n_block_begin; --n) key_block(n, cute::true_type{});
+    if constexpr (kSegmentIds) {
+      // Only the blocks that may match; one is unmasked when it lies inside the band and all its
+      // ids equal the query tile's single id.
+      for (int n = n_block_end - 1; n >= n_block_begin;) {
+        const int2 ids = kv_ids(n);
+        int next = n - 1;
+        while (next >= n_block_begin && !SegmentMask::may_match(q_ids, kv_ids(next))) --next;
+        if (n >= n_unmasked_begin && n < n_unmasked_end && SegmentMask::all_match(q_ids, ids)) {
+          key_block(n, next, cute::false_type{});
+        } else {
+          key_block(n, next, cute::true_type{});
+        }
+        n = next;
+      }
+    } else {
+      int n = n_block_end - 1;
+      for (; n >= n_block_begin && n >= n_unmasked_end; --n) key_block(n, n - 1, cute::true_type{});
+      for (; n >= n_block_begin && n >= n_unmasked_begin; --n) key_block(n, n - 1, cute::false_type{});
+      for (; n >= n_block_begin; --n) key_block(n, n - 1, cute::true_type{});
+    }
     softmax.finalize(acc_o_rowcol, scales.scale, lse);
   } else {
     // No key visible to any row of this block (or of this split): output 0, lse -inf.
     clear(acc_o);
 #pragma unroll
     for (int r = 0; r < kRowsPerThread; ++r) lse[r] = -INFINITY;
+  }
+
+  // Rows past q_lengths[b] see no key: written as fully masked rows (their zero-filled queries
+  // took part in the loop above only to keep it free of row checks).
+  // The limit is re-read rather than kept live in a register through the main loop.
+  if (params.q_lengths != nullptr) {
+    const int q_limit = KeyRangeMask::valid_length(params.seqlen_q, params.q_lengths, batch);
+#pragma unroll
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      if (row_begin + get<0>(o_coords_rowcol(r, 0)) >= q_limit) {
+        lse[r] = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < size<1>(acc_o_rowcol); ++c) acc_o_rowcol(r, c) = 0.f;
+      }
+    }
   }
 
   // lse: the lane holding column 0 of a row writes it.

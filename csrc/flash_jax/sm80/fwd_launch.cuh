@@ -102,11 +102,11 @@ cudaError_t raise_smem_limit(Kernel kernel, int bytes, std::atomic<bool>* done_p
   return error;
 }
 
-template <typename Traits, bool kSplit, bool kSoftcap>
+template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds>
 std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
-  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap>;
+  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kSegmentIds>;
   cudaError_t error = raise_smem_limit(kernel, Traits::kSmemBytes, smem_limit_raised, kMaxDevices);
   if (error != cudaSuccess) return cuda_error_message("raising the shared-memory limit", error);
   const int num_splits = kSplit ? params.num_splits : 1;
@@ -118,10 +118,17 @@ std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stre
   return "";
 }
 
+template <typename Traits, bool kSplit, bool kSoftcap>
+std::string launch_fwd_kernel_segments(const FwdParams& params, cudaStream_t stream) {
+  return params.q_segment_ids != nullptr
+             ? launch_fwd_kernel_variant<Traits, kSplit, kSoftcap, true>(params, stream)
+             : launch_fwd_kernel_variant<Traits, kSplit, kSoftcap, false>(params, stream);
+}
+
 template <typename Traits, bool kSplit>
 std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
-  return params.softcap > 0.f ? launch_fwd_kernel_variant<Traits, kSplit, true>(params, stream)
-                              : launch_fwd_kernel_variant<Traits, kSplit, false>(params, stream);
+  return params.softcap > 0.f ? launch_fwd_kernel_segments<Traits, kSplit, true>(params, stream)
+                              : launch_fwd_kernel_segments<Traits, kSplit, false>(params, stream);
 }
 
 template <typename Element, int kHeadDim>
@@ -177,6 +184,9 @@ inline std::string check_fwd_params(const FwdParams& p, int head_dim_bucket) {
   if (p.num_splits < 1) return fail("num_splits must be >= 1, got " + std::to_string(p.num_splits));
   if (p.num_splits > 1 && (p.out_accum == nullptr || p.lse_accum == nullptr)) {
     return fail("num_splits > 1 needs out_accum and lse_accum");
+  }
+  if ((p.q_segment_ids == nullptr) != (p.kv_segment_ids == nullptr)) {
+    return fail("q_segment_ids and kv_segment_ids must be given together");
   }
   if (p.heads > 65535 || static_cast<int64_t>(p.batch) * p.num_splits > 65535) {
     return fail("grid too large: heads <= 65535 and batch * num_splits <= 65535 required");
