@@ -3,7 +3,8 @@
   compute-sanitizer --tool memcheck --error-exitcode 3 python tools/sanitize_shapes.py
 
 Odd head dims (padded to a bucket), sequence tails, GQA, causal in both directions of
-seq_q != seq_k, and a decoding shape that takes the split-KV path.
+seq_q != seq_k, a decoding shape that takes the split-KV path, and sequence lengths and segment
+ids (including a length of 0 and ids that match no key).
 """
 
 import jax
@@ -27,10 +28,20 @@ def main():
     k = jax.random.normal(keys[1], (batch, seq_k, kv_heads, head_dim), jnp.bfloat16)
     v = jax.random.normal(keys[2], (batch, seq_k, kv_heads, head_dim), jnp.bfloat16)
     dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-    out, vjp = jax.vjp(lambda q, k, v: flash_jax.attention(q, k, v, causal=causal), q, k, v)
-    grads = vjp(dout)
-    jax.block_until_ready((out, grads))
-    print(f"ok b={batch} sq={seq_q} sk={seq_k} h={heads}/{kv_heads} d={head_dim} causal={causal}")
+    masks = {
+        "plain": {},
+        "lengths": dict(q_lengths=jnp.arange(batch, dtype=jnp.int32) * seq_q // 2,
+                        kv_lengths=jnp.full((batch,), seq_k - 1, jnp.int32)),
+        "segments": dict(q_segment_ids=jnp.arange(seq_q)[None].repeat(batch, 0) % 3,
+                         kv_segment_ids=(jnp.arange(seq_k)[None].repeat(batch, 0) * 7) % 4),
+    }
+    for name, kwargs in masks.items():
+      out, vjp = jax.vjp(lambda q, k, v: flash_jax.attention(q, k, v, causal=causal, **kwargs),
+                         q, k, v)
+      grads = vjp(dout)
+      jax.block_until_ready((out, grads))
+      print(f"ok b={batch} sq={seq_q} sk={seq_k} h={heads}/{kv_heads} d={head_dim} "
+            f"causal={causal} {name}")
 
 
 if __name__ == "__main__":
