@@ -7,6 +7,15 @@ from flash_jax._config import OPTIONAL_OPERANDS, AttentionConfig
 from flash_jax._vjp import flash_attention
 
 
+def call_core(query, key, value, operands, **config_fields):
+  """Runs the custom_vjp core on validated inputs: `operands` maps names of
+  _config.OPTIONAL_OPERANDS to arrays, `config_fields` are the other AttentionConfig fields.
+  Returns (out, lse)."""
+  names = tuple(name for name in OPTIONAL_OPERANDS if name in operands)
+  config = AttentionConfig(operands=names, **config_fields)
+  return flash_attention(config, query, key, value, *(operands[name] for name in names))
+
+
 def attention(query, key, value, *, causal=False, softmax_scale=None, window=None,
               q_segment_ids=None, kv_segment_ids=None, q_lengths=None, kv_lengths=None,
               mask=None, bias=None, softcap=None, alibi_slopes=None, dropout_rate=0.0,
@@ -49,17 +58,14 @@ def attention(query, key, value, *, causal=False, softmax_scale=None, window=Non
       query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       q_lengths=q_lengths, kv_lengths=kv_lengths, mask=mask, bias=bias,
       alibi_slopes=alibi_slopes, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-  names = tuple(name for name in OPTIONAL_OPERANDS if name in operands)
-  config = AttentionConfig(
+  return_lse = _validate.static_bool("return_lse", return_lse)
+  out, lse = call_core(
+      query, key, value, operands,
       softmax_scale=_validate.softmax_scale(softmax_scale, query.shape[-1]),
       causal=_validate.static_bool("causal", causal),
       window_left=left,
       window_right=right,
       softcap=_validate.softcap(softcap),
       dropout_rate=dropout_rate,
-      deterministic=_validate.static_bool("deterministic", deterministic),
-      operands=names,
-  )
-  return_lse = _validate.static_bool("return_lse", return_lse)
-  out, lse = flash_attention(config, query, key, value, *(operands[name] for name in names))
+      deterministic=_validate.static_bool("deterministic", deterministic))
   return (out, lse) if return_lse else out

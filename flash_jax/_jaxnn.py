@@ -4,8 +4,7 @@ computed by flash_jax's primitives."""
 from __future__ import annotations
 
 from flash_jax import _validate
-from flash_jax._config import OPTIONAL_OPERANDS, AttentionConfig
-from flash_jax._vjp import flash_attention
+from flash_jax._api import call_core
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
@@ -48,15 +47,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       query, key, q_segment_ids=None, kv_segment_ids=None, q_lengths=q_lengths,
       kv_lengths=kv_lengths, mask=mask, bias=bias, alibi_slopes=None, dropout_rate=0.0,
       dropout_rng=None)
-  names = tuple(name for name in OPTIONAL_OPERANDS if name in operands)
-  config = AttentionConfig(
+  out, _ = call_core(
+      query, key, value, operands,
       softmax_scale=_validate.static_scale("scale", scale, head_dim),
       causal=_validate.static_bool("is_causal", is_causal),
       # jax.nn aligns the causal diagonal and the window to the top-left corner.
       causal_top_left=True,
       window_left=left,
-      window_right=right,
-      operands=names,
-  )
-  out, _ = flash_attention(config, query, key, value, *(operands[name] for name in names))
+      window_right=right)
   return out.reshape(output_shape)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from flash_jax import _validate
-from flash_jax._config import OPTIONAL_OPERANDS, AttentionConfig
-from flash_jax._vjp import flash_attention
+from flash_jax._api import call_core
 
 # Segment ids of tokens past cu_seqlens[-1]: different for queries and keys, and never a
 # sequence index, so those queries see no key (0 output, lse -inf) and those keys no query.
@@ -94,16 +93,13 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
       dropout_rng=dropout_rng)
   operands["q_positions"] = q_positions
   operands["kv_positions"] = kv_positions
-  names = tuple(name for name in OPTIONAL_OPERANDS if name in operands)
-  config = AttentionConfig(
+  return_lse = _validate.static_bool("return_lse", return_lse)
+  out, lse = call_core(
+      query, key, value, operands,
       softmax_scale=_validate.softmax_scale(softmax_scale, query.shape[-1]),
       causal=_validate.static_bool("causal", causal),
       window_left=left,
       window_right=right,
       softcap=_validate.softcap(softcap),
-      dropout_rate=dropout_rate,
-      operands=names,
-  )
-  return_lse = _validate.static_bool("return_lse", return_lse)
-  out, lse = flash_attention(config, query, key, value, *(operands[name] for name in names))
+      dropout_rate=dropout_rate)
   return (out[0], lse[0]) if return_lse else out[0]
