@@ -224,6 +224,17 @@ def _segment_extras(segment_ids, kv_segment_ids, self_attention, decode):
   return dict(q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
+
+def _key_value_inputs(inputs_q, inputs_k, inputs_v):
+  """Flax's defaulting of the key and value inputs: both fall back to the query's."""
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None")
+    inputs_k = inputs_q
+  if inputs_v is None:
+    inputs_v = inputs_k
+  return inputs_k, inputs_v
+
 class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   """`flax.linen.MultiHeadDotProductAttention` with flash attention inside.
 
@@ -258,12 +269,7 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
                     "instead.", DeprecationWarning)
       inputs_k = inputs_v = inputs_kv
     self_attention = inputs_k is None
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = _key_value_inputs(inputs_q, inputs_k, inputs_v)
 
     features = self.out_features or inputs_q.shape[-1]
     qkv_features = self.qkv_features or inputs_q.shape[-1]
@@ -356,12 +362,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     elif isinstance(rngs, nnx.Rngs):
       rngs = rngs.dropout
     self_attention = inputs_k is None
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = _key_value_inputs(inputs_q, inputs_k, inputs_v)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"Incompatible input dimension, got {inputs_q.shape[-1]} but module "
                        f"expects {self.in_features}.")
