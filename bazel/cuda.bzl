@@ -36,9 +36,11 @@ def cuda_static_library(name, srcs, hdrs, include_dir, deps = []):
     ])
     objects = []
     for src in srcs:
-        obj = name + "_objs/" + src.replace("/", "__").replace(".cu", ".o")
+        # One target per source, named after it (//:kernels_fwd_bf16_hdim64), to build one alone.
+        stem = src.split("/")[-1].replace(".cu", "")
+        obj = "%s_objs/%s.o" % (name, stem)
         native.genrule(
-            name = obj.replace("/", "_") + "_compile",
+            name = name + "_" + stem,
             srcs = [src] + hdrs,
             outs = [obj],
             tools = ["@flash_jax_deps//:nvcc"],
