@@ -31,18 +31,12 @@
 
 #include "flash_jax/launch.h"
 #include "flash_jax/params.h"
-
-#define CHECK_CUDA(call)                                                                  \
-  do {                                                                                    \
-    cudaError_t status_ = (call);                                                         \
-    if (status_ != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,                   \
-                   cudaGetErrorString(status_));                                          \
-      std::exit(2);                                                                       \
-    }                                                                                     \
-  } while (0)
+#include "check_util.h"
 
 namespace {
+
+using flash_jax_check::bucket_for;
+using flash_jax_check::round_to;
 
 using flash_jax::BwdParams;
 
@@ -58,13 +52,6 @@ struct Case {
   bool fp16 = false;
   int row_padding = 0;  // extra elements per row of q/k/v/out/dout (strided layouts)
 };
-
-int bucket_for(int head_dim) {
-  for (int bucket : flash_jax::kHeadDimBuckets) {
-    if (head_dim <= bucket) return bucket;
-  }
-  return -1;
-}
 
 template <typename Element>
 std::string run_bucket(const BwdParams& params, cudaStream_t stream) {
@@ -82,10 +69,6 @@ std::string run_bucket(const BwdParams& params, cudaStream_t stream) {
 std::string run_backward(const BwdParams& params, bool fp16, cudaStream_t stream) {
   return fp16 ? run_bucket<cutlass::half_t>(params, stream)
               : run_bucket<cutlass::bfloat16_t>(params, stream);
-}
-
-float round_to(float x, bool fp16) {
-  return fp16 ? float(cutlass::half_t(x)) : float(cutlass::bfloat16_t(x));
 }
 
 // Host tensor [batch, seq, heads, head_dim] with a row stride of heads * head_dim + row_padding

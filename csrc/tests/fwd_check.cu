@@ -30,19 +30,13 @@
 
 #include "flash_jax/launch.h"
 #include "flash_jax/params.h"
+#include "check_util.h"
 #include "fwd_variants.h"
 
-#define CHECK_CUDA(call)                                                                  \
-  do {                                                                                    \
-    cudaError_t status_ = (call);                                                         \
-    if (status_ != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,                   \
-                   cudaGetErrorString(status_));                                          \
-      std::exit(2);                                                                       \
-    }                                                                                     \
-  } while (0)
-
 namespace {
+
+using flash_jax_check::bucket_for;
+using flash_jax_check::round_to;
 
 using flash_jax::FwdParams;
 
@@ -57,13 +51,6 @@ struct Case {
   bool fp16 = false;
   bool packed_qkv = false;  // q, k, v interleaved in one [b, s, 3, h, d] buffer (sq == sk, h == kv_h)
 };
-
-int bucket_for(int head_dim) {
-  for (int bucket : flash_jax::kHeadDimBuckets) {
-    if (head_dim <= bucket) return bucket;
-  }
-  return -1;
-}
 
 template <typename Element>
 std::string run_bucket(const FwdParams& params, cudaStream_t stream) {
@@ -81,11 +68,6 @@ std::string run_bucket(const FwdParams& params, cudaStream_t stream) {
 std::string run_forward(const FwdParams& params, bool fp16, cudaStream_t stream) {
   return fp16 ? run_bucket<cutlass::half_t>(params, stream)
               : run_bucket<cutlass::bfloat16_t>(params, stream);
-}
-
-// Rounds through the element type, as the kernel's inputs and P are rounded.
-float round_to(float x, bool fp16) {
-  return fp16 ? static_cast<float>(cutlass::half_t(x)) : static_cast<float>(cutlass::bfloat16_t(x));
 }
 
 uint16_t to_bits(float x, bool fp16) {
