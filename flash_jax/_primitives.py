@@ -89,23 +89,24 @@ attention_bwd_p.def_impl(lambda *args, config: _jitted_bind(attention_bwd_p, con
 # Batching rules receive None as the dimension of an unmapped operand.
 
 
-def _fold(args, dims, names, axis_size):
+def _batch_size(x, mapped_dim):
+  """Size of the batch axis of `x`, which is axis 0 once the mapped axis (if any) is removed."""
+  return x.shape[1] if mapped_dim == 0 else x.shape[0]
+
+
+def _fold(args, dims, names, axis_size, broadcastable=_BROADCASTABLE):
   """Moves each mapped axis to the front and merges it with the batch axis (axis 0).
 
   `names[i]` is the optional-operand name of args[i] or None for the dense operands. Unmapped
-  operands are tiled over the mapped axis, except broadcastable ones whose batch axis is 1.
+  operands are tiled over the mapped axis, except those named in `broadcastable` whose batch
+  axis is 1.
   """
-  batch = None
-  for x, d in zip(args[:3], dims[:3]):
-    if d is not None:
-      batch = jnp.moveaxis(x, d, 0).shape[1]
-      break
-  if batch is None:
-    batch = args[0].shape[0]
+  batch = next((_batch_size(x, d) for x, d in zip(args[:3], dims[:3]) if d is not None),
+               args[0].shape[0])
   folded = []
   for x, d, name in zip(args, dims, names):
     if d is None:
-      if name in _BROADCASTABLE and x.shape[0] == 1:
+      if name in broadcastable and x.shape[0] == 1:
         folded.append(x)
         continue
       x = jnp.broadcast_to(x[None], (axis_size,) + x.shape)
@@ -114,7 +115,7 @@ def _fold(args, dims, names, axis_size):
     if x.shape[1] != batch:
       x = jnp.broadcast_to(x, (axis_size, batch) + x.shape[2:])
     folded.append(x.reshape((axis_size * batch,) + x.shape[2:]))
-  return folded, batch
+  return folded
 
 
 def _distinct_dropout_per_example(folded, names, axis_size):
@@ -138,8 +139,7 @@ def _unfold(x, axis_size):
 def _fwd_batch(args, dims, *, config):
   axis_size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
   names = (None,) * 3 + config.operands
-  folded, _ = _fold(args, dims, names, axis_size)
-  folded = _distinct_dropout_per_example(folded, names, axis_size)
+  folded = _distinct_dropout_per_example(_fold(args, dims, names, axis_size), names, axis_size)
   outs = attention_fwd_p.bind(*folded, config=config)
   return [_unfold(x, axis_size) for x in outs], [0] * len(outs)
 
@@ -150,17 +150,13 @@ def _bwd_batch(args, dims, *, config):
   bias_index = 7 + config.operands.index("bias") if "bias" in config.operands else None
   # The bias gradient is per example, so even an unmapped broadcast bias is expanded here and
   # its gradient summed back over the broadcast axis below.
-  bias_batch = None
-  if bias_index is not None:
-    bias, bias_dim = args[bias_index], dims[bias_index]
-    bias_batch = bias.shape[0] if bias_dim is None else jnp.moveaxis(
-        bias, bias_dim, 0).shape[1]
-    names = names[:bias_index] + ("bias_gradient",) + names[bias_index + 1:]
-  folded, _ = _fold(args, dims, names, axis_size)
+  folded = _fold(args, dims, names, axis_size,
+                 broadcastable=tuple(name for name in _BROADCASTABLE if name != "bias"))
   folded = _distinct_dropout_per_example(folded, names, axis_size)
   grads = attention_bwd_p.bind(*folded, config=config)
   grads = [_unfold(g, axis_size) for g in grads]
-  if bias_index is not None and bias_batch == 1 and grads[3].shape[1] != 1:
+  if (bias_index is not None and _batch_size(args[bias_index], dims[bias_index]) == 1 and
+      grads[3].shape[1] != 1):
     grads[3] = grads[3].sum(axis=1, keepdims=True)
   return grads, [0] * len(grads)
 
