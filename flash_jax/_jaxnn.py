@@ -49,7 +49,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       dropout_rng=None)
   out, _ = call_core(
       query, key, value, operands,
-      softmax_scale=_validate.static_scale("scale", scale, head_dim),
+      softmax_scale=_validate.softmax_scale(scale, head_dim, name="scale"),
       causal=_validate.static_bool("is_causal", is_causal),
       # jax.nn aligns the causal diagonal and the window to the top-left corner.
       causal_top_left=True,

@@ -73,16 +73,17 @@ def check_operands(query, key, value, optional, config) -> None:
   check_operand_shapes(query, key, optional, config)
 
 
-def softmax_scale(value, head_dim: int) -> float:
-  """The static softmax scale: a Python or NumPy real number, default 1/sqrt(head_dim)."""
+def softmax_scale(value, head_dim: int, name: str = "softmax_scale") -> float:
+  """The static softmax scale (argument `name`): a Python or NumPy real number, default
+  1/sqrt(head_dim)."""
   if value is None:
     return float(1.0 / np.sqrt(head_dim))
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-    raise ValueError("`softmax_scale` must be a Python float (a static value), got "
+    raise ValueError(f"`{name}` must be a Python float (a static value), got "
                      f"{type(value).__name__} {value!r}")
   value = float(value)
   if not np.isfinite(value):
-    raise ValueError(f"`softmax_scale` must be finite, got {value}")
+    raise ValueError(f"`{name}` must be finite, got {value}")
   return value
 
 
@@ -208,14 +209,6 @@ def jax_nn_inputs(query, key, value):
 def optional_lengths(name, value, batch):
   """An optional int [batch] array of sequence lengths, as int32."""
   return None if value is None else _int_array(name, value, (batch,))
-
-
-def static_scale(name, value, head_dim):
-  """A static scale under another argument name than `softmax_scale` (same rules)."""
-  try:
-    return softmax_scale(value, head_dim)
-  except ValueError as error:
-    raise ValueError(str(error).replace("`softmax_scale`", f"`{name}`")) from None
 
 
 def local_window_size(value):
