@@ -23,6 +23,7 @@ from flax import nnx
 from jax import lax
 
 import flash_jax
+from flash_jax.reference import masked_scores
 
 
 def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
@@ -173,20 +174,8 @@ def _weights_from_lse(q, k, lse, *, causal, mask, bias, q_segment_ids, kv_segmen
   Normalising by the kernel's own log-sum-exp makes `weights @ value` equal the kernel's output
   (up to rounding); fully masked rows (lse = -inf) are zero, as the output is.
   """
-  _, seq_q, heads, head_dim = q.shape
-  seq_k, kv_heads = k.shape[1], k.shape[2]
-  k = jnp.repeat(k, heads // kv_heads, axis=2)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32),
-                      precision=lax.Precision.HIGHEST) / math.sqrt(head_dim)
-  if bias is not None:
-    scores = scores + bias.astype(jnp.float32)
-  keep = jnp.ones((1, 1, seq_q, seq_k), jnp.bool_)
-  if causal:
-    keep = keep & (jnp.arange(seq_q)[:, None] + seq_k - seq_q >= jnp.arange(seq_k)[None, :])
-  if mask is not None:
-    keep = keep & mask
-  if q_segment_ids is not None:
-    keep = keep & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+  scores, keep = masked_scores(q, k, causal=causal, mask=mask, bias=bias,
+                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   return jnp.where(keep, jnp.exp(scores - lse[..., None]), 0.0)
 
 

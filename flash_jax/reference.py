@@ -8,27 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def reference_attention(query, key, value, *, causal=False, softmax_scale=None, window=None,
-                        q_segment_ids=None, kv_segment_ids=None, q_lengths=None,
-                        kv_lengths=None, mask=None, bias=None, softcap=None, alibi_slopes=None,
-                        dropout_rate=0.0, dropout_rng=None, deterministic=False,
-                        return_lse=False, compute_dtype=jnp.float32, causal_top_left=False):
-  """Same arguments and results as `flash_jax.attention`, computed naively.
-
-  compute_dtype: dtype of the matrix products and of the probabilities (float32 by default;
-    the tests also run it in the input dtype to measure that precision's own error).
-  causal_top_left: align causal masks and windows to the top-left corner (jax.nn convention).
-  deterministic is accepted for signature parity and has no effect.
-  """
-  del deterministic
-  out_dtype = query.dtype
+def masked_scores(query, key, *, causal=False, softmax_scale=None, window=None,
+                  q_segment_ids=None, kv_segment_ids=None, q_lengths=None, kv_lengths=None,
+                  mask=None, bias=None, softcap=None, alibi_slopes=None,
+                  compute_dtype=jnp.float32, causal_top_left=False):
+  """The scores [b, h, sq, sk] after softcap, bias and ALiBi, with -inf where masked, and the
+  boolean mask of visible entries. Arguments as `reference_attention`."""
   batch, seq_q, heads, head_dim = query.shape
   seq_k, kv_heads = key.shape[1], key.shape[2]
   scale = 1.0 / np.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-  group = heads // kv_heads
   q = query.astype(compute_dtype)
-  k = jnp.repeat(key.astype(compute_dtype), group, axis=2)
-  v = jnp.repeat(value.astype(compute_dtype), group, axis=2)
+  k = jnp.repeat(key.astype(compute_dtype), heads // kv_heads, axis=2)
 
   # Scores and softmax in float32, or float64 when asked for (the tests' high-precision oracle).
   score_dtype = jnp.promote_types(compute_dtype, jnp.float32)
@@ -64,7 +54,31 @@ def reference_attention(query, key, value, *, causal=False, softmax_scale=None, 
   if mask is not None:
     keep = keep & jnp.broadcast_to(mask, (batch, heads, seq_q, seq_k))
 
-  scores = jnp.where(keep, scores, -jnp.inf)
+  return jnp.where(keep, scores, -jnp.inf), keep
+
+
+def reference_attention(query, key, value, *, causal=False, softmax_scale=None, window=None,
+                        q_segment_ids=None, kv_segment_ids=None, q_lengths=None,
+                        kv_lengths=None, mask=None, bias=None, softcap=None, alibi_slopes=None,
+                        dropout_rate=0.0, dropout_rng=None, deterministic=False,
+                        return_lse=False, compute_dtype=jnp.float32, causal_top_left=False):
+  """Same arguments and results as `flash_jax.attention`, computed naively.
+
+  compute_dtype: dtype of the matrix products and of the probabilities (float32 by default;
+    the tests also run it in the input dtype to measure that precision's own error).
+  causal_top_left: align causal masks and windows to the top-left corner (jax.nn convention).
+  deterministic is accepted for signature parity and has no effect.
+  """
+  del deterministic
+  out_dtype = query.dtype
+  batch, seq_q, heads, _ = query.shape
+  seq_k, kv_heads = key.shape[1], key.shape[2]
+  v = jnp.repeat(value.astype(compute_dtype), heads // kv_heads, axis=2)
+  scores, keep = masked_scores(
+      query, key, causal=causal, softmax_scale=softmax_scale, window=window,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_lengths=q_lengths,
+      kv_lengths=kv_lengths, mask=mask, bias=bias, softcap=softcap, alibi_slopes=alibi_slopes,
+      compute_dtype=compute_dtype, causal_top_left=causal_top_left)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   weights = jnp.where(keep, jnp.exp(scores - row_max), 0.0)
