@@ -70,24 +70,42 @@ def _x64():
   return enable(True)
 
 
-def reference_outputs(q, k, v, dout, dlse, *, precision, **kwargs):
-  """(out, lse, dq, dk, dv) of the reference; precision "float64" or "input"."""
-  def run(q, k, v, dout, dlse, compute_dtype):
-    def f(q, k, v):
-      return flash_jax.reference_attention(q, k, v, return_lse=True, compute_dtype=compute_dtype,
-                                           **kwargs)
-    (out, lse), vjp = jax.vjp(f, q, k, v)
-    return (out, lse) + tuple(vjp((dout, dlse)))
+def vjp_outputs(fn, primals, cotangents):
+  """fn's outputs (a tuple) followed by the gradients of every primal for the cotangents."""
+  outputs, vjp = jax.vjp(fn, *primals)
+  # Each cotangent takes its output's dtype (lse is float32 whatever the inputs' precision).
+  cotangents = tuple(c.astype(o.dtype) for c, o in zip(cotangents, outputs))
+  return tuple(outputs) + tuple(vjp(cotangents))
 
+
+def reference_vjp(fn, primals, cotangents, *, precision):
+  """vjp_outputs of fn(*primals, compute_dtype=...) as float64 NumPy arrays, on the CPU.
+
+  precision "float64": every floating input in float64 and compute_dtype float64 (the `ref` of
+  the oracle); "input": inputs as given and compute_dtype the dtype of the first primal (`base`).
+  """
   cpu = jax.devices("cpu")[0]
-  host = [np.asarray(x) for x in (q, k, v, dout, dlse)]
+  host = [np.asarray(x) for x in tuple(primals) + tuple(cotangents)]
+  count = len(primals)
   if precision == "float64":
     with _x64(), jax.default_device(cpu):
+      arrays = [jnp.asarray(x, jnp.float64) for x in host]
+      f = lambda *p: fn(*p, compute_dtype=jnp.float64)
       return [np.asarray(x, np.float64)
-              for x in run(*[jnp.asarray(x, jnp.float64) for x in host], jnp.float64)]
+              for x in vjp_outputs(f, arrays[:count], arrays[count:])]
   with jax.default_device(cpu):
-    return [np.asarray(x.astype(jnp.float32), np.float64)
-            for x in run(*[jnp.asarray(x) for x in host], jnp.dtype(q.dtype))]
+    arrays = [jnp.asarray(x) for x in host]
+    f = lambda *p: fn(*p, compute_dtype=jnp.dtype(primals[0].dtype))
+    return [np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+            for x in vjp_outputs(f, arrays[:count], arrays[count:])]
+
+
+def reference_outputs(q, k, v, dout, dlse, *, precision, **kwargs):
+  """(out, lse, dq, dk, dv) of the reference; precision "float64" or "input"."""
+  def f(q, k, v, compute_dtype):
+    return flash_jax.reference_attention(q, k, v, return_lse=True, compute_dtype=compute_dtype,
+                                         **kwargs)
+  return reference_vjp(f, (q, k, v), (dout, dlse), precision=precision)
 
 
 def _magnitude(name, names, reference):

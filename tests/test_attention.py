@@ -1,5 +1,7 @@
 """flash_jax.attention against the reference: values, lse and gradients over the shape grid."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,7 @@ def _case_id(case):
 def _run_case(case, device, dtype):
   heads, kv_heads = case["heads"]
   seq_q, seq_k = case["seqs"]
-  seed = hash(_case_id(case)) % 1000
+  seed = zlib.crc32(_case_id(case).encode()) % 1000  # fixed across processes, unlike hash()
   inputs = random_inputs(seed, case["batch"], seq_q, seq_k, heads, kv_heads, case["head_dim"],
                          jnp.dtype(dtype))
   q, k, v, dout, dlse = jax.device_put(inputs, device)

@@ -10,8 +10,8 @@ import pytest
 import flash_jax
 from flash_jax._config import OPTIONAL_OPERANDS, AttentionConfig
 from flash_jax._vjp import flash_attention
-from oracle import assert_matches, gpu_devices, gpu_param, random_inputs, sample_grid
-from reference_grads import reference_vjp, vjp_outputs
+from oracle import (assert_matches, gpu_devices, gpu_param, random_inputs, reference_vjp,
+                    sample_grid, vjp_outputs)
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 16
 SEQS = (37, 45)

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import flash_jax
-from oracle import assert_matches, gpu_devices, gpu_param
-from reference_grads import reference_vjp, vjp_outputs
+from oracle import assert_matches, gpu_devices, gpu_param, reference_vjp, vjp_outputs
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 # Sequence lengths (queries, keys): an empty query sequence, a sequence with no keys (its
