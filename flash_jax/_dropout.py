@@ -1,10 +1,20 @@
 """Counter-based dropout: Philox-4x32-10 keyed per batch row, counted by (head, row, column).
 
 Each batch row gets its own 64-bit Philox key derived from the user's PRNG key and the row's index
-in the whole batch, so a mask depends neither on tiling nor on how the batch is sharded; the
-counter (column // 4, row, head, 0) selects one of four 32-bit outputs per column. An entry is
-kept when its 32-bit value is >= rate * 2**32. The CUDA kernels evaluate the same function, and
-`dropout_mask` materialises it for tests and debugging.
+in the whole batch, so a mask depends neither on tiling nor on how the batch is sharded.
+
+One Philox call yields 4 x 32 bits, cut into eight 16-bit values for the eight (row, column)
+entries one thread holds in an mma.sync m16n8k16 accumulator: rows {R, R + 8} (R % 16 < 8) times
+columns {2t, 2t + 1, 2t + 8, 2t + 9} of a 16-column span. The CUDA kernels thus draw the dropout of
+a whole fragment with one call; the kernels and this module evaluate the same function:
+
+  counter = ((col >> 4) * 4 + ((col >> 1) & 3), (row >> 4) * 8 + (row & 7), head, 0)
+  value   = (word[((col >> 3) & 1) * 2 + (col & 1)] >> (16 * ((row >> 3) & 1))) & 0xFFFF
+  kept    = value >= min(int(rate * 2**16), 2**16 - 1)
+
+so the probability of dropping is the rate rounded down to a multiple of 2**-16 (kept weights are
+still scaled by 1 / (1 - rate), the rate as given). `dropout_mask` materialises the mask for tests
+and debugging.
 """
 
 from __future__ import annotations
@@ -47,8 +57,9 @@ def philox4x32(counter, key):
   return c0, c1, c2, c3
 
 
-def keep_threshold(rate: float) -> np.uint32:
-  return np.uint32(min(int(rate * 2.0**32), 2**32 - 1))
+def keep_threshold16(rate: float) -> np.uint32:
+  """The least 16-bit random value of a kept entry: rate * 2**16 rounded down."""
+  return np.uint32(min(int(rate * 2.0**16), 2**16 - 1))
 
 
 def row_seeds(dropout_rng, batch: int):
@@ -61,22 +72,38 @@ def row_seeds(dropout_rng, batch: int):
   return jax.vmap(lambda row: jax.random.bits(jax.random.fold_in(key, row), (2,), jnp.uint32))(rows)
 
 
+def _counter(heads, rows, cols):
+  """The Philox counter of each entry: shared by the 8 entries of one accumulator fragment."""
+  c0 = (cols >> np.uint32(4)) * np.uint32(4) + ((cols >> np.uint32(1)) & np.uint32(3))
+  c1 = (rows >> np.uint32(4)) * np.uint32(8) + (rows & np.uint32(7))
+  return c0, c1, heads, jnp.zeros_like(heads)
+
+
+def _select_value(words, rows, cols):
+  """Each entry's 16-bit slice of its fragment's 4 Philox words."""
+  word_index = ((cols >> np.uint32(3)) & np.uint32(1)) * np.uint32(2) + (cols & np.uint32(1))
+  word = jnp.select([word_index == i for i in range(3)], list(words[:3]), words[3])
+  return (word >> (np.uint32(16) * ((rows >> np.uint32(3)) & np.uint32(1)))) & np.uint32(0xFFFF)
+
+
 def keep(seeds, heads, rows, cols, rate: float):
   """Whether each entry is kept. seeds: uint32 [..., 2] broadcast against heads/rows/cols, which
-  are integer arrays of head, query and key indices (broadcastable to each other)."""
-  heads, rows, cols = (jnp.asarray(x).astype(jnp.uint32) for x in (heads, rows, cols))
-  shape = jnp.broadcast_shapes(seeds.shape[:-1], heads.shape, rows.shape, cols.shape)
-  zero = jnp.zeros(shape, jnp.uint32)
-  counter = (zero + cols // np.uint32(4), zero + rows, zero + heads, zero)
-  words = philox4x32(counter, (zero + seeds[..., 0], zero + seeds[..., 1]))
-  lane = cols % np.uint32(4)
-  bits = jnp.select([lane == 0, lane == 1, lane == 2], list(words[:3]), words[3])
-  return bits >= keep_threshold(rate)
+  are integer arrays of global head, query and key indices (broadcastable to each other)."""
+  shape = jnp.broadcast_shapes(seeds.shape[:-1], jnp.shape(heads), jnp.shape(rows),
+                               jnp.shape(cols))
+  heads, rows, cols = (jnp.broadcast_to(jnp.asarray(x).astype(jnp.uint32), shape)
+                       for x in (heads, rows, cols))
+  key = (jnp.broadcast_to(seeds[..., 0], shape), jnp.broadcast_to(seeds[..., 1], shape))
+  words = philox4x32(_counter(heads, rows, cols), key)
+  return _select_value(words, rows, cols) >= keep_threshold16(rate)
 
 
 def dropout_mask(dropout_rng, batch: int, heads: int, seq_q: int, seq_k: int, rate: float):
   """The dropout mask flash_jax applies for this key: bool [batch, heads, seq_q, seq_k], True =
   kept (kept weights are scaled by 1 / (1 - rate)).
+
+  An entry is dropped with probability rate rounded down to a multiple of 2**-16 (its 16-bit
+  Philox value is below `keep_threshold16(rate)`; see the module docstring).
 
   It is the mask of `attention(..., dropout_rate=rate, dropout_rng=dropout_rng)` on inputs of
   that batch size, heads and sequence lengths, on CPU and GPU alike.

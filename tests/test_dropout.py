@@ -53,6 +53,71 @@ def test_same_key_same_output_different_key_different_output():
                                 run(jax.random.key(1)))
 
 
+# --- the mask's specification, against an independent scalar Philox -------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _scalar_philox(counter, key):
+  """Philox-4x32-10 on Python ints, written from the Random123 definition."""
+  c0, c1, c2, c3 = counter
+  k0, k1 = key
+  for round_index in range(10):
+    if round_index:
+      k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+    c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _M32, (p0 >> 32) ^ c3 ^ k1, p0 & _M32
+  return c0, c1, c2, c3
+
+
+def _scalar_value(seed, head, row, col):
+  """The spec's 16-bit random value of entry (head, row, col) under a batch row's seed."""
+  counter = ((col >> 4) * 4 + ((col >> 1) & 3), (row >> 4) * 8 + (row & 7), head, 0)
+  word = _scalar_philox(counter, seed)[((col >> 3) & 1) * 2 + (col & 1)]
+  return (word >> (16 * ((row >> 3) & 1))) & 0xFFFF
+
+
+# Random123's known-answer vectors (kat_vectors: philox4x32 10).
+_PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((_M32,) * 4, (_M32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", _PHILOX_KAT)
+def test_philox_known_answers(counter, key, expected):
+  assert _scalar_philox(counter, key) == expected
+  words = _dropout.philox4x32([jnp.uint32(c) for c in counter], [jnp.uint32(k) for k in key])
+  assert tuple(int(w) for w in words) == expected
+
+
+def test_mask_matches_the_scalar_spec():
+  # 2 row and 3 column fragments (one partial), odd sizes: every lane and half of the spec.
+  batch, heads, seq_q, seq_k, rate = 2, 3, 35, 41, 0.3
+  rng = jax.random.key(11)
+  seeds = [tuple(int(s) for s in row) for row in np.asarray(_dropout.row_seeds(rng, batch))]
+  threshold = int(rate * 65536)
+  expected = np.array([[[[_scalar_value(seeds[b], h, i, j) >= threshold for j in range(seq_k)]
+                         for i in range(seq_q)] for h in range(heads)] for b in range(batch)])
+  np.testing.assert_array_equal(flash_jax.dropout_mask(rng, batch, heads, seq_q, seq_k, rate),
+                                expected)
+
+
+@pytest.mark.parametrize("b,h,row,col", [(0, 0, 0, 0), (1, 2, 9, 17), (0, 1, 24, 33),
+                                         (1, 0, 31, 46)])
+def test_rate_is_quantised_to_16_bits(b, h, row, col):
+  """An entry whose value is v is kept at any rate in [0, (v + 1) / 2**16) and dropped above."""
+  rng = jax.random.key(3)
+  seed = tuple(int(s) for s in np.asarray(_dropout.row_seeds(rng, b + 1))[b])
+  value = _scalar_value(seed, h, row, col)
+  kept = lambda rate: bool(flash_jax.dropout_mask(rng, b + 1, h + 1, row + 1, col + 1,
+                                                  rate)[b, h, row, col])
+  assert kept(value / 65536) and kept((value + 0.999) / 65536)
+  assert not kept((value + 1) / 65536)
+
+
 def _attention_configs(fn, *args):
   """The AttentionConfig of every flash_jax primitive in fn's jaxpr, nested jaxprs included."""
   configs = []
