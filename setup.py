@@ -4,8 +4,14 @@ The CUDA kernels (csrc/flash_jax/dispatch.cu and csrc/instantiations/*.cu) are c
 into a static library that includes no Python header, under build/kernels/<configuration>/, with
 per-object dependency files so that only what changed is recompiled; several Python versions
 share it. The thin pybind11 module flash_jax._flash_jax_cuda (csrc/bindings.cc and the FFI
-handlers in csrc/ffi/) links that library and the static CUDA runtime, so editing the bindings or
-the handlers never recompiles a kernel.
+handlers in csrc/ffi/) links that library, so editing the bindings or the handlers never
+recompiles a kernel.
+
+The CUDA runtime is linked dynamically (NEEDED libcudart.so.<major>), and the module's RUNPATH
+finds it first in the pip package that JAX's CUDA plugin depends on (nvidia-cuda-runtime:
+site-packages/nvidia/cu13/lib, next to site-packages/flash_jax/), then in /usr/local/cuda/lib64
+and the toolkit the module was built with; see cudart_runpath(). The module needs nothing else
+beyond the C and C++ runtimes.
 
 Environment:
   FLASH_JAX_BUILD_CUDA   auto (default): build the kernels when nvcc is found and an NVIDIA
@@ -181,6 +187,45 @@ def _configuration_key(nvcc: pathlib.Path, flags: list[str]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def cuda_major_version(nvcc: pathlib.Path) -> int:
+  version = subprocess.run([str(nvcc), "--version"], check=True, capture_output=True,
+                           text=True).stdout
+  match = re.search(r"release (\d+)\.(\d+)", version)
+  if match is None:
+    raise RuntimeError(f"cannot read the CUDA version from `{nvcc} --version`:\n{version}")
+  return int(match.group(1))
+
+
+def find_cudart(cuda_home: pathlib.Path, major: int) -> pathlib.Path:
+  """The toolkit's shared CUDA runtime to link against. Linking the file itself, not -lcudart,
+  works also for toolkits that ship only the versioned name (the pip wheels' nvidia/cu13/lib);
+  either way the module records the library's soname, libcudart.so.<major>."""
+  directories = [cuda_home / "lib64", cuda_home / "lib",
+                 *sorted((cuda_home / "targets").glob("*/lib"))]
+  for name in ("libcudart.so", f"libcudart.so.{major}"):
+    for directory in directories:
+      if (directory / name).exists():
+        return directory / name
+  raise RuntimeError(f"no libcudart.so in the CUDA toolkit {cuda_home} "
+                     f"(looked in {', '.join(map(str, directories))})")
+
+
+def cudart_runpath(major: int, cudart: pathlib.Path) -> list[str]:
+  """Where the installed module looks for libcudart.so.<major>, in order (LD_LIBRARY_PATH is
+  searched before these, the system's default directories after them). The module lies at
+  site-packages/flash_jax/, so $ORIGIN/.. is the site-packages it was installed into:
+  - nvidia/cu<major>/lib: nvidia-cuda-runtime from CUDA 13 on, which jax[cuda13] installs
+    (jax-cuda13-plugin[with-cuda] requires it); JAX's own plugin loads libcudart from there too.
+  - nvidia/cuda_runtime/lib: the CUDA 12 wheels (nvidia-cuda-runtime-cu12), for builds with a
+    CUDA 12 toolkit.
+  - /usr/local/cuda/lib64 and the directory of the toolkit built with: system installs, and
+    in-place builds in a checkout (flash_jax/ of the repository has no nvidia/ beside it).
+  """
+  entries = [f"$ORIGIN/../nvidia/cu{major}/lib", "$ORIGIN/../nvidia/cuda_runtime/lib",
+             "/usr/local/cuda/lib64", str(cudart.parent)]
+  return list(dict.fromkeys(entries))
+
+
 def build_kernel_library(nvcc: pathlib.Path, build_root: pathlib.Path) -> pathlib.Path:
   """Compiles the kernels (only what changed) and archives them; returns the library's path."""
   archs = cuda_archs()
@@ -231,10 +276,14 @@ class BuildExtension(build_ext):
       raise RuntimeError("FLASH_JAX_BUILD_CUDA: nvcc not found (set CUDA_HOME)")
     library = build_kernel_library(nvcc, ROOT / "build")
     cuda_home = cuda_toolkit(nvcc)
-    ext.extra_objects = [str(library)]
+    major = cuda_major_version(nvcc)
+    cudart = find_cudart(cuda_home, major)
+    runpath = cudart_runpath(major, cudart)
+    ext.extra_objects = [str(library), str(cudart)]
     ext.include_dirs += [str(CSRC)]
-    ext.library_dirs += [str(cuda_home / "lib64"), str(cuda_home / "lib")]
-    ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
+    # The shared CUDA runtime, found through RUNPATH (not RPATH, so LD_LIBRARY_PATH can override
+    # it); $ORIGIN reaches the linker unexpanded: setuptools runs it without a shell.
+    ext.extra_link_args += ["-Wl,--enable-new-dtags", *(f"-Wl,-rpath,{p}" for p in runpath)]
     # -isystem: warnings inside the jaxlib and CUDA headers are not ours to fix.
     ext.extra_compile_args += ["-isystem", jax_ffi_include(), "-isystem",
                                str(cuda_home / "include")]
