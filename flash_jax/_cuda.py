@@ -9,13 +9,17 @@ instructions, instead of falling back silently.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.util
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flash_jax import _dropout
 from flash_jax import _primitives
 from flash_jax._config import AttentionConfig
 
@@ -37,6 +41,26 @@ _MAX_SEQLEN = (1 << 29) - 1
 _SPLIT_BLOCK_M = 64
 _MAX_SPLITS = 128
 _DEFAULT_NUM_SMS = 132  # H100 SXM, used when no CUDA device is visible (lowering on CPU)
+
+def _preload_cuda_runtime():
+  """Loads libcudart.so.13 from the nvidia-cuda-runtime wheel when one is importable, so that the
+  extension finds it even where its RUNPATH ($ORIGIN/../nvidia/cu13/lib) misses: flash_jax and
+  the runtime installed in different site-packages (a venv with system packages, --user)."""
+  try:
+    spec = importlib.util.find_spec("nvidia")
+  except (ImportError, ValueError):
+    return
+  for root in (spec.submodule_search_locations or ()) if spec else ():
+    library = pathlib.Path(root) / "cu13" / "lib" / "libcudart.so.13"
+    if library.is_file():
+      try:
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+      except OSError:
+        continue  # the import below then reports what is missing
+      return
+
+
+_preload_cuda_runtime()
 
 try:
   # Not `from flash_jax import ...`: during the package's own import that form reports a missing
@@ -95,37 +119,74 @@ def _check_supported(query, key, config: AttentionConfig):
     raise NotImplementedError(
         f"flash_jax on GPU: `query`, `key` and `value` must be float16 or bfloat16 on GPU, got "
         f"{dtype.name}")
-  unsupported = [name for name in config.operands if name not in _KERNEL_OPERANDS]
-  if unsupported:
-    raise NotImplementedError(
-        f"flash_jax on GPU: the CUDA kernels do not support {', '.join(unsupported)} yet; "
-        f"expected operands among {list(_KERNEL_OPERANDS)}, got {list(config.operands)}")
-  if config.dropout_rate > 0:
-    raise NotImplementedError(
-        f"flash_jax on GPU: `dropout_rate` must be 0 with the CUDA kernels for now, got "
-        f"{config.dropout_rate}")
   _require_kernels()
 
 
-# Optional operands the kernels take, in the order of the custom calls' operands after the
-# tensors. Each is always passed (an absent one as an empty int32 [0] array, with the matching
-# has_* attribute False) so that the FFI handlers have one fixed signature. After the API's
-# normalisation they are int32 with the full batch: [b] lengths, [b, sq] / [b, sk] segment ids.
-_KERNEL_OPERANDS = ("q_lengths", "kv_lengths", "q_segment_ids", "kv_segment_ids")
+# Optional operands of the custom calls, in their order after the tensors, with the dtype the
+# kernels read. Each is always passed so that the FFI handlers have one fixed signature: an
+# absent one as an empty [0] array. The first four also carry has_* attributes; the others are
+# recognised by their rank (csrc/ffi/attention_ffi.cc). Shapes (csrc/flash_jax/params.h):
+# [b] lengths, [b, s] segment ids and positions, [b|1, h|1, sq|1, sk|1] mask (uint8) and bias,
+# [b|1, h] ALiBi slopes, [b, 2] dropout seeds.
+_KERNEL_OPERANDS = {
+    "q_lengths": jnp.int32,
+    "kv_lengths": jnp.int32,
+    "q_segment_ids": jnp.int32,
+    "kv_segment_ids": jnp.int32,
+    "q_positions": jnp.int32,
+    "kv_positions": jnp.int32,
+    "mask": jnp.uint8,
+    "bias": jnp.float32,
+    "alibi_slopes": jnp.float32,
+    "dropout_seed": jnp.uint32,
+}
+# Operands that only the extras kernel variants read (they run without split-KV).
+_EXTRAS = ("q_positions", "kv_positions", "mask", "bias", "alibi_slopes", "dropout_seed")
+_MASK_CELL = 16
 
 
-def _mask_operands(config: AttentionConfig, optional):
-  """(operands, attributes) of the masks for the custom calls."""
+def _kernel_operands(query, key, config: AttentionConfig, optional, expand_bias=False):
+  """(operands, attributes) of the optional inputs for the custom calls. expand_bias: pass the
+  bias in its full [b, h, sq, sk] shape (the deterministic backward's dbias needs it)."""
+  batch, seq_q, heads, _ = query.shape
+  seq_k = key.shape[1]
   given = dict(zip(config.operands, optional))
-  absent = jnp.zeros((0,), jnp.int32)
-  operands = [given[name].astype(jnp.int32) if name in given else absent
-              for name in _KERNEL_OPERANDS]
+  full_batch = {"q_lengths": (batch,), "kv_lengths": (batch,),
+                "q_segment_ids": (batch, seq_q), "kv_segment_ids": (batch, seq_k),
+                "q_positions": (batch, seq_q), "kv_positions": (batch, seq_k)}
+  operands = []
+  for name, dtype in _KERNEL_OPERANDS.items():
+    if name not in given:
+      operands.append(jnp.zeros((0,), dtype))
+      continue
+    x = given[name].astype(dtype)
+    if name in full_batch:
+      x = jnp.broadcast_to(x, full_batch[name])
+    elif name == "bias" and expand_bias:
+      x = jnp.broadcast_to(x, (batch, heads, seq_q, seq_k))
+    operands.append(x)
   attributes = dict(
       has_q_lengths="q_lengths" in given,
       has_kv_lengths="kv_lengths" in given,
       has_segment_ids="q_segment_ids" in given,
+      # The mask's threshold from the same function as the CPU path's, in double precision.
+      dropout_threshold=np.int64(_dropout.keep_threshold16(config.dropout_rate)
+                                 if config.dropout_rate > 0 else 0),
+      dropout_scale=np.float32(1.0 / (1.0 - config.dropout_rate)),
   )
   return operands, attributes
+
+
+def _uses_extras(config: AttentionConfig) -> bool:
+  return any(name in config.operands for name in _EXTRAS)
+
+
+def _mask_tiles(config: AttentionConfig, optional):
+  """Workspace of the dense mask's 16 x 16 cell summary (uint8), [0] without a mask."""
+  if "mask" not in config.operands:
+    return jax.ShapeDtypeStruct((0,), jnp.uint8)
+  b, h, rows, cols = optional[config.operands.index("mask")].shape
+  return jax.ShapeDtypeStruct((b, h, -(-rows // _MASK_CELL), -(-cols // _MASK_CELL)), jnp.uint8)
 
 
 def _head_dim_bucket(head_dim: int) -> int:
@@ -188,13 +249,13 @@ def _common_attributes(config: AttentionConfig) -> dict:
 def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
   """(out, lse) from the forward kernel; the split-KV workspace outputs are dropped."""
   _check_supported(query, key, config)
-  masks, mask_attributes = _mask_operands(config, optional)
+  operands, attributes = _kernel_operands(query, key, config, optional)
   batch, seq_q, heads, head_dim = query.shape
   seq_k = key.shape[1]
   aligned = _aligned_head_dim(head_dim)
   query, key, value = (_pad_head_dim(x, aligned) for x in (query, key, value))
   bucket = _head_dim_bucket(aligned)
-  splits = num_splits(batch, heads, seq_q, seq_k, bucket)
+  splits = 1 if _uses_extras(config) else num_splits(batch, heads, seq_q, seq_k, bucket)
   if splits > 1:
     workspace = [
         jax.ShapeDtypeStruct((splits, batch, heads, seq_q, bucket), jnp.float32),
@@ -205,31 +266,42 @@ def fwd_cuda(query, key, value, *optional, config: AttentionConfig):
   call = jax.ffi.ffi_call(
       FWD_TARGET,
       [jax.ShapeDtypeStruct(query.shape, query.dtype),
-       jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32), *workspace])
-  out, lse, _, _ = call(query, key, value, *masks, num_splits=np.int64(splits),
-                        **mask_attributes, **_common_attributes(config))
+       jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32), *workspace,
+       _mask_tiles(config, optional)])
+  out, lse, *_ = call(query, key, value, *operands, num_splits=np.int64(splits), **attributes,
+                      **_common_attributes(config))
   return out[..., :head_dim], lse
 
 
 def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: AttentionConfig):
-  """(dq, dk, dv) from the backward kernel; for GQA the per-query-head dk/dv are summed here."""
+  """(dq, dk, dv[, dbias]) from the backward kernel; for GQA the per-query-head dk/dv are summed
+  here."""
   _check_supported(query, key, config)
-  masks, mask_attributes = _mask_operands(config, optional)
   batch, seq_q, heads, head_dim = query.shape
   seq_k, kv_heads = key.shape[1], key.shape[2]
+  bias = optional[config.operands.index("bias")] if "bias" in config.operands else None
+  # A broadcast bias gathers its gradient with atomics; the deterministic backward gets the full
+  # shape instead (plain stores) and sums here, in a fixed order.
+  expand_bias = (bias is not None and config.deterministic and
+                 bias.shape != (batch, heads, seq_q, seq_k))
+  operands, attributes = _kernel_operands(query, key, config, optional, expand_bias=expand_bias)
   aligned = _aligned_head_dim(head_dim)
   query, key, value, out, dout = (_pad_head_dim(x, aligned)
                                   for x in (query, key, value, out, dout))
   seq_q_padded = -(-seq_q // _BWD_SEQLEN_Q_PAD_MULTIPLE) * _BWD_SEQLEN_Q_PAD_MULTIPLE
   dkv = jax.ShapeDtypeStruct((batch, seq_k, heads, aligned), key.dtype)
+  bias_operand = operands[list(_KERNEL_OPERANDS).index("bias")]
+  dbias_shape = jax.ShapeDtypeStruct(bias_operand.shape, jnp.float32)
   call = jax.ffi.ffi_call(
       BWD_TARGET,
       [jax.ShapeDtypeStruct(query.shape, query.dtype), dkv, dkv,
+       dbias_shape,
        jax.ShapeDtypeStruct((batch, heads, seq_q_padded, _head_dim_bucket(aligned)), jnp.float32),
-       jax.ShapeDtypeStruct((batch, heads, seq_q_padded), jnp.float32)])
-  dq, dk, dv, _, _ = call(query, key, value, out, lse, dout, dlse, *masks,
-                          deterministic=bool(config.deterministic), **mask_attributes,
-                          **_common_attributes(config))
+       jax.ShapeDtypeStruct((batch, heads, seq_q_padded), jnp.float32),
+       _mask_tiles(config, optional)])
+  dq, dk, dv, dbias, *_ = call(query, key, value, out, lse, dout, dlse, *operands,
+                               deterministic=bool(config.deterministic), **attributes,
+                               **_common_attributes(config))
   if kv_heads != heads:
     group = heads // kv_heads
 
@@ -238,7 +310,11 @@ def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: Attenti
       return x.sum(axis=3).astype(key.dtype)
 
     dk, dv = reduce_group(dk), reduce_group(dv)
-  return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
+  grads = [dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]]
+  if bias is not None:
+    broadcast_axes = tuple(axis for axis in range(4) if bias.shape[axis] != dbias.shape[axis])
+    grads.append(dbias.sum(axis=broadcast_axes, keepdims=True).astype(bias.dtype))
+  return tuple(grads)
 
 
 _primitives.register_implementation(fwd_cuda, bwd_cuda, platform="cuda")

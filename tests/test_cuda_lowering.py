@@ -21,12 +21,15 @@ from flash_jax._config import AttentionConfig
 MASK_ATTRS = {"has_q_lengths": "bool", "has_kv_lengths": "bool", "has_segment_ids": "bool"}
 FWD_ATTRS = {"softmax_scale": "f32", "causal": "bool", "causal_top_left": "bool",
              "window_left": "i64", "window_right": "i64", "softcap": "f32", "num_splits": "i64",
-             **MASK_ATTRS}
+             "dropout_threshold": "i64", "dropout_scale": "f32", **MASK_ATTRS}
 BWD_ATTRS = {"softmax_scale": "f32", "causal": "bool", "causal_top_left": "bool",
              "window_left": "i64", "window_right": "i64", "softcap": "f32",
-             "deterministic": "bool", **MASK_ATTRS}
-# The four mask operands (q_lengths, kv_lengths, q_segment_ids, kv_segment_ids) when absent.
-NO_MASKS = ["0xi32"] * 4
+             "deterministic": "bool", "dropout_threshold": "i64", "dropout_scale": "f32",
+             **MASK_ATTRS}
+# The optional operands when absent: q/kv lengths, q/kv segment ids, q/kv positions (int32), mask
+# (uint8), bias, ALiBi slopes (float32), dropout seeds (uint32).
+NO_MASKS = ["0xi32"] * 6 + ["0xui8", "0xf32", "0xf32", "0xui32"]
+NO_MASK_TILES = "0xui8"
 
 _CALL = re.compile(r"stablehlo\.custom_call @(?P<target>\w+)\((?P<operands>[^)]*)\) \{(?P<body>.*)"
                    r"\} : \((?P<in_types>.*)\) -> (?P<out_types>.*)$")
@@ -106,20 +109,22 @@ def test_grad_lowers_to_both_custom_calls(causal, return_lse, dtype, shapes):
   assert (splits > 1) == (q_shape == (1, 1, 8, 128))  # only the decoding shape splits
   assert fwd_out[:2] == [f"{b}x{sq}x{h}x{d}x{element}", f"{b}x{h}x{sq}xf32"]
   if splits > 1:
-    assert fwd_out[2:] == [f"{splits}x{b}x{h}x{sq}x{bucket}xf32", f"{splits}x{b}x{h}x{sq}xf32"]
+    assert fwd_out[2:] == [f"{splits}x{b}x{h}x{sq}x{bucket}xf32", f"{splits}x{b}x{h}x{sq}xf32",
+                           NO_MASK_TILES]
   else:
-    assert fwd_out[2:] == ["0xf32", "0xf32"]
+    assert fwd_out[2:] == ["0xf32", "0xf32", NO_MASK_TILES]
 
   bwd_attrs, bwd_in, bwd_out = calls[_cuda.BWD_TARGET][0]
   assert {name: t for name, (_, t) in bwd_attrs.items()} == BWD_ATTRS
   assert bwd_attrs["deterministic"][0] == "false"
-  assert len(bwd_in) == 11 and bwd_in[7:] == NO_MASKS
+  assert len(bwd_in) == 17 and bwd_in[7:] == NO_MASKS
   assert all(bwd_attrs[name][0] == "false" for name in MASK_ATTRS)
   sq_padded = -(-sq // 128) * 128
   # dk and dv come back with the query-head count; the group sum happens outside the call.
+  # dbias comes after dv ([0] without bias), the workspace after it.
   assert bwd_out == [f"{b}x{sq}x{h}x{d}x{element}", f"{b}x{sk}x{h}x{d}x{element}",
-                     f"{b}x{sk}x{h}x{d}x{element}", f"{b}x{h}x{sq_padded}x{bucket}xf32",
-                     f"{b}x{h}x{sq_padded}xf32"]
+                     f"{b}x{sk}x{h}x{d}x{element}", "0xf32", f"{b}x{h}x{sq_padded}x{bucket}xf32",
+                     f"{b}x{h}x{sq_padded}xf32", NO_MASK_TILES]
 
 
 def test_head_dim_is_padded_to_a_multiple_of_8():
@@ -213,7 +218,7 @@ def test_lengths_and_segment_ids_reach_both_custom_calls(lengths, segment_ids):
               f"{b}x{sk}xi32" if segment_ids else "0xi32"]
   fwd_attrs, fwd_in, _ = calls[_cuda.FWD_TARGET][0]
   bwd_attrs, bwd_in, _ = calls[_cuda.BWD_TARGET][0]
-  assert fwd_in[3:] == expected and bwd_in[7:] == expected
+  assert fwd_in[3:7] == expected and bwd_in[7:11] == expected
   for attrs in (fwd_attrs, bwd_attrs):
     assert attrs["has_q_lengths"] == ("true" if "q_lengths" in lengths else "false", "bool")
     assert attrs["has_kv_lengths"] == ("true" if "kv_lengths" in lengths else "false", "bool")
@@ -227,29 +232,61 @@ def test_vmapped_segment_ids_fold_into_the_batch():
   calls = _custom_calls(_lower_for_cuda(fn, q, kv, kv, _spec((2, 3, 64), jnp.int32),
                                         _spec((2, 3, 96), jnp.int32)))
   (_, fwd_in, _), = calls[_cuda.FWD_TARGET]
-  assert fwd_in[3:] == ["0xi32", "0xi32", "6x64xi32", "6x96xi32"]
+  assert fwd_in[3:7] == ["0xi32", "0xi32", "6x64xi32", "6x96xi32"]
 
 
-@pytest.mark.parametrize("name, operand", [
-    ("mask", _spec((2, 1, 64, 64), jnp.bool_)),
-    ("bias", _spec((2, 1, 64, 64), jnp.bfloat16)),
-    ("alibi_slopes", _spec((2, 2), jnp.float32)),
-    ("dropout_seed", _spec((2, 2), jnp.uint32)),
+# Position of each extras operand among the optional operands of the custom calls.
+_EXTRA_INDEX = {"q_positions": 4, "kv_positions": 5, "mask": 6, "bias": 7, "alibi_slopes": 8,
+                "dropout_seed": 9}
+
+
+@pytest.mark.parametrize("name, operand, expected", [
+    ("mask", _spec((2, 1, 1, 4096), jnp.bool_), "2x1x1x4096xui8"),
+    ("bias", _spec((1, 2, 1, 4096), jnp.bfloat16), "1x2x1x4096xf32"),
+    ("alibi_slopes", _spec((1, 2), jnp.float32), "1x2xf32"),
+    ("dropout_seed", _spec((2, 2), jnp.uint32), "2x2xui32"),
 ])
-def test_optional_operands_are_refused_at_lowering(name, operand):
-  config = AttentionConfig(softmax_scale=0.125, operands=(name,))
-  spec = _spec((2, 64, 2, 64))
-  with pytest.raises(NotImplementedError, match=f"do not support {name} yet"):
-    _lower_for_cuda(lambda *args: _primitives.attention_fwd(*args, config=config), spec, spec,
-                    spec, operand)
+def test_extras_reach_both_custom_calls_without_split(name, operand, expected):
+  config = AttentionConfig(softmax_scale=0.125, operands=(name,),
+                           dropout_rate=0.25 if name == "dropout_seed" else 0.0)
+  # A decoding shape that would split the keys without extras.
+  q, kv = _spec((2, 1, 2, 64)), _spec((2, 4096, 2, 64))
+  lse = _spec((2, 2, 1), jnp.float32)
+
+  def fn(q, k, v, x, out, lse, dout, dlse):
+    return (_primitives.attention_fwd(q, k, v, x, config=config),
+            _primitives.attention_bwd(q, k, v, out, lse, dout, dlse, x, config=config))
+
+  calls = _custom_calls(_lower_for_cuda(fn, q, kv, kv, operand, q, lse, q, lse))
+  (fwd_attrs, fwd_in, fwd_out), = calls[_cuda.FWD_TARGET]
+  (bwd_attrs, bwd_in, bwd_out), = calls[_cuda.BWD_TARGET]
+  expected_in = list(NO_MASKS)
+  expected_in[_EXTRA_INDEX[name]] = expected
+  assert fwd_in[3:] == expected_in and bwd_in[7:] == expected_in
+  assert fwd_attrs["num_splits"][0] == "1"
+  assert fwd_attrs["dropout_threshold"][0] == bwd_attrs["dropout_threshold"][0] == (
+      "16384" if name == "dropout_seed" else "0")
+  assert float(fwd_attrs["dropout_scale"][0]) == pytest.approx(
+      4 / 3 if name == "dropout_seed" else 1.0, rel=1e-7)
+  mask_tiles = "2x1x1x256xui8" if name == "mask" else NO_MASK_TILES
+  assert fwd_out[-1] == bwd_out[-1] == mask_tiles
+  assert bwd_out[3] == ("1x2x1x4096xf32" if name == "bias" else "0xf32")
 
 
-def test_dropout_is_refused_at_lowering():
-  config = AttentionConfig(softmax_scale=0.125, dropout_rate=0.1)
-  spec = _spec((2, 64, 2, 64))
-  with pytest.raises(NotImplementedError, match="`dropout_rate` must be 0 .* got 0.1"):
-    _lower_for_cuda(lambda *args: _primitives.attention_fwd(*args, config=config), spec, spec,
-                    spec)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_broadcast_bias_gradient(deterministic):
+  """A broadcast bias gathers its gradient in its own shape (atomics), except in deterministic
+  mode, where the custom call sees the full shape and the sum happens outside it."""
+  config = AttentionConfig(softmax_scale=0.125, operands=("bias",), deterministic=deterministic)
+  spec, lse = _spec((2, 64, 2, 64)), _spec((2, 2, 64), jnp.float32)
+  bias = _spec((1, 2, 1, 64), jnp.float32)
+  fn = lambda *args: _primitives.attention_bwd(*args, config=config)
+  text = _lower_for_cuda(fn, spec, spec, spec, spec, lse, spec, lse, bias)
+  (_, bwd_in, bwd_out), = _custom_calls(text)[_cuda.BWD_TARGET]
+  full = "2x2x64x64xf32" if deterministic else "1x2x1x64xf32"
+  assert bwd_in[7 + _EXTRA_INDEX["bias"]] == full and bwd_out[3] == full
+  grads = jax.eval_shape(fn, spec, spec, spec, spec, lse, spec, lse, bias)
+  assert grads[3].shape == (1, 2, 1, 64)
 
 
 def test_missing_kernels_with_cuda_devices_is_an_error(monkeypatch):

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "flash_jax/api.h"
@@ -44,6 +45,8 @@ const char* dtype_name(ffi::DataType dtype) {
     case ffi::DataType::BF16: return "bfloat16";
     case ffi::DataType::F32: return "float32";
     case ffi::DataType::S32: return "int32";
+    case ffi::DataType::U32: return "uint32";
+    case ffi::DataType::U8: return "uint8";
     default: return "an unsupported dtype";
   }
 }
@@ -196,6 +199,119 @@ ffi::Error fill_masks(AttentionParams& params, const ffi::AnyBuffer& q_lengths,
   return ffi::Error::Success();
 }
 
+// Operands of the extras variants (params.h), always passed so that the handler signature is
+// fixed: an absent one is an empty rank-1 array [0], a present one has its own rank (2 or 4).
+struct ExtraOperands {
+  const ffi::AnyBuffer& q_positions;
+  const ffi::AnyBuffer& kv_positions;
+  const ffi::AnyBuffer& mask;
+  const ffi::AnyBuffer& bias;
+  const ffi::AnyBuffer& alibi_slopes;
+  const ffi::AnyBuffer& dropout_seeds;
+};
+
+bool present(const ffi::AnyBuffer& buffer) { return buffer.dimensions().size() > 1; }
+
+// A [batch|1, heads|1, seqlen_q|1, seqlen_k|1] operand: its four sizes, each full or 1.
+ffi::Error broadcast_dims(const char* name, const ffi::AnyBuffer& buffer, ffi::DataType dtype,
+                          const AttentionParams& params, int (&dims)[4]) {
+  const int64_t full[4] = {params.batch, params.heads, params.seqlen_q, params.seqlen_k};
+  auto actual = buffer.dimensions();
+  bool ok = buffer.element_type() == dtype && actual.size() == 4;
+  for (int i = 0; ok && i < 4; ++i) ok = actual[i] == full[i] || actual[i] == 1;
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        std::string("flash_jax: `") + name + "` must be " + dtype_name(dtype) +
+        " of a shape broadcastable to " + format_dims(Dims(full, full + 4)) +
+        " with each size full or 1, got " + dtype_name(buffer.element_type()) +
+        format_dims(actual));
+  }
+  for (int i = 0; i < 4; ++i) dims[i] = static_cast<int>(actual[i]);
+  return ffi::Error::Success();
+}
+
+Dims mask_tiles_dims(const AttentionParams& params) {
+  if (params.mask == nullptr) return {0};
+  return {params.mask_batch, params.mask_heads, round_up(params.mask_rows, kMaskCell) / kMaskCell,
+          round_up(params.mask_cols, kMaskCell) / kMaskCell};
+}
+
+ffi::Error fill_extras(AttentionParams& params, const ExtraOperands& operands,
+                       ffi::AnyBuffer& mask_tiles, int64_t dropout_threshold,
+                       float dropout_scale) {
+  const int64_t b = params.batch, h = params.heads;
+  const bool positions = present(operands.q_positions);
+  for (auto [name, buffer, length, field] :
+       {std::tuple{"q_positions", &operands.q_positions, int64_t(params.seqlen_q), &params.q_positions},
+        std::tuple{"kv_positions", &operands.kv_positions, int64_t(params.seqlen_k), &params.kv_positions}}) {
+    if (auto error = check_buffer(name, *buffer, ffi::DataType::S32,
+                                  positions ? Dims{b, length} : Dims{0});
+        error.failure()) {
+      return error;
+    }
+    *field = positions ? static_cast<const int*>(buffer->untyped_data()) : nullptr;
+  }
+  params.mask = nullptr;
+  if (present(operands.mask)) {
+    int dims[4];
+    if (auto error = broadcast_dims("mask", operands.mask, ffi::DataType::U8, params, dims);
+        error.failure()) {
+      return error;
+    }
+    params.mask = static_cast<const uint8_t*>(operands.mask.untyped_data());
+    params.mask_batch = dims[0], params.mask_heads = dims[1];
+    params.mask_rows = dims[2], params.mask_cols = dims[3];
+  }
+  if (auto error = check_buffer("mask_tiles", mask_tiles, ffi::DataType::U8, mask_tiles_dims(params));
+      error.failure()) {
+    return error;
+  }
+  params.mask_tiles = params.mask ? static_cast<uint8_t*>(mask_tiles.untyped_data()) : nullptr;
+  params.bias = nullptr;
+  if (present(operands.bias)) {
+    int dims[4];
+    if (auto error = broadcast_dims("bias", operands.bias, ffi::DataType::F32, params, dims);
+        error.failure()) {
+      return error;
+    }
+    params.bias = static_cast<const float*>(operands.bias.untyped_data());
+    params.bias_batch = dims[0], params.bias_heads = dims[1];
+    params.bias_rows = dims[2], params.bias_cols = dims[3];
+  }
+  params.alibi_slopes = nullptr;
+  if (present(operands.alibi_slopes)) {
+    auto dims = operands.alibi_slopes.dimensions();
+    const int64_t rows = dims[0];
+    if (auto error = check_buffer("alibi_slopes", operands.alibi_slopes, ffi::DataType::F32,
+                                  {rows == 1 ? 1 : b, h});
+        error.failure()) {
+      return error;
+    }
+    params.alibi_slopes = static_cast<const float*>(operands.alibi_slopes.untyped_data());
+    params.alibi_batch = static_cast<int>(rows);
+  }
+  params.dropout_seeds = nullptr;
+  const bool dropout = present(operands.dropout_seeds);
+  if (auto error = check_buffer("dropout_seeds", operands.dropout_seeds, ffi::DataType::U32,
+                                dropout ? Dims{b, 2} : Dims{0});
+      error.failure()) {
+    return error;
+  }
+  // The threshold comes from Python (flash_jax/_dropout.py keep_threshold16) so that CPU and
+  // GPU derive it from the same double-precision rate.
+  if (dropout_threshold < 0 || dropout_threshold > 65535 || !(dropout_scale >= 1.f)) {
+    return ffi::Error::InvalidArgument(
+        "flash_jax: dropout_threshold must be in [0, 65535] and dropout_scale >= 1, got " +
+        std::to_string(dropout_threshold) + " and " + std::to_string(dropout_scale));
+  }
+  if (dropout) {
+    params.dropout_seeds = static_cast<const uint32_t*>(operands.dropout_seeds.untyped_data());
+    params.dropout_threshold = static_cast<uint32_t>(dropout_threshold);
+    params.dropout_scale = dropout_scale;
+  }
+  return ffi::Error::Success();
+}
+
 // A message from the kernels library means a launch failed or a combination slipped past the
 // Python checks: both are internal errors from the user's point of view.
 ffi::Error from_message(const std::string& message) {
@@ -205,12 +321,16 @@ ffi::Error from_message(const std::string& message) {
 ffi::Error attention_fwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                          ffi::AnyBuffer v, ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
                          ffi::AnyBuffer q_segment_ids, ffi::AnyBuffer kv_segment_ids,
-                         ffi::Result<ffi::AnyBuffer> out,
+                         ffi::AnyBuffer q_positions, ffi::AnyBuffer kv_positions,
+                         ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer alibi_slopes,
+                         ffi::AnyBuffer dropout_seeds, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> out_accum,
-                         ffi::Result<ffi::AnyBuffer> lse_accum, float softmax_scale, bool causal,
+                         ffi::Result<ffi::AnyBuffer> lse_accum,
+                         ffi::Result<ffi::AnyBuffer> mask_tiles, float softmax_scale, bool causal,
                          bool causal_top_left, int64_t window_left, int64_t window_right,
                          float softcap, int64_t num_splits, bool has_q_lengths,
-                         bool has_kv_lengths, bool has_segment_ids) {
+                         bool has_kv_lengths, bool has_segment_ids, int64_t dropout_threshold,
+                         float dropout_scale) {
   FwdParams params{};
   if (auto error = fill_common(params, q, k, v, softmax_scale, causal, causal_top_left,
                                window_left, window_right, softcap);
@@ -219,6 +339,12 @@ ffi::Error attention_fwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   }
   if (auto error = fill_masks(params, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
                               has_q_lengths, has_kv_lengths, has_segment_ids);
+      error.failure()) {
+    return error;
+  }
+  if (auto error = fill_extras(params,
+                               {q_positions, kv_positions, mask, bias, alibi_slopes, dropout_seeds},
+                               *mask_tiles, dropout_threshold, dropout_scale);
       error.failure()) {
     return error;
   }
@@ -263,13 +389,18 @@ ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
                          ffi::AnyBuffer dout, ffi::AnyBuffer dlse, ffi::AnyBuffer q_lengths,
                          ffi::AnyBuffer kv_lengths, ffi::AnyBuffer q_segment_ids,
-                         ffi::AnyBuffer kv_segment_ids, ffi::Result<ffi::AnyBuffer> dq,
-                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                         ffi::AnyBuffer kv_segment_ids, ffi::AnyBuffer q_positions,
+                         ffi::AnyBuffer kv_positions, ffi::AnyBuffer mask, ffi::AnyBuffer bias,
+                         ffi::AnyBuffer alibi_slopes, ffi::AnyBuffer dropout_seeds,
+                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
                          ffi::Result<ffi::AnyBuffer> dq_accum,
-                         ffi::Result<ffi::AnyBuffer> softmax_d, float softmax_scale, bool causal,
+                         ffi::Result<ffi::AnyBuffer> softmax_d,
+                         ffi::Result<ffi::AnyBuffer> mask_tiles, float softmax_scale, bool causal,
                          bool causal_top_left, int64_t window_left, int64_t window_right,
                          float softcap, bool deterministic, bool has_q_lengths,
-                         bool has_kv_lengths, bool has_segment_ids) {
+                         bool has_kv_lengths, bool has_segment_ids, int64_t dropout_threshold,
+                         float dropout_scale) {
   BwdParams params{};
   if (auto error = fill_common(params, q, k, v, softmax_scale, causal, causal_top_left,
                                window_left, window_right, softcap);
@@ -281,8 +412,18 @@ ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
       error.failure()) {
     return error;
   }
+  if (auto error = fill_extras(params,
+                               {q_positions, kv_positions, mask, bias, alibi_slopes, dropout_seeds},
+                               *mask_tiles, dropout_threshold, dropout_scale);
+      error.failure()) {
+    return error;
+  }
   const int64_t b = params.batch, sq = params.seqlen_q, sk = params.seqlen_k, h = params.heads;
   const int64_t d = params.head_dim;
+  // dbias: the bias's own shape (broadcast entries accumulate atomically), or [0] without bias.
+  const Dims dbias_shape = params.bias ? Dims{params.bias_batch, params.bias_heads,
+                                              params.bias_rows, params.bias_cols}
+                                       : Dims{0};
   const int64_t sq_padded = round_up(sq, kBwdSeqlenQPadMultiple);
   const ffi::DataType dtype = q.element_type();
   const Dims q_shape = {b, sq, h, d};
@@ -306,6 +447,7 @@ ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
            Expected{"dv", *dv, dtype, grad_kv_shape},
            Expected{"dq_accum", *dq_accum, ffi::DataType::F32, dq_accum_shape},
            Expected{"softmax_d", *softmax_d, ffi::DataType::F32, softmax_d_shape},
+           Expected{"dbias", *dbias, ffi::DataType::F32, dbias_shape},
        }) {
     if (auto error = check_buffer(expected.name, expected.buffer, expected.dtype, expected.dims);
         error.failure()) {
@@ -330,6 +472,14 @@ ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   params.dq_accum = static_cast<float*>(dq_accum->untyped_data());
   params.softmax_d = static_cast<float*>(softmax_d->untyped_data());
   params.deterministic = deterministic;
+  params.dbias = params.bias ? static_cast<float*>(dbias->untyped_data()) : nullptr;
+  params.dbias_atomic = params.bias && Dims{params.bias_batch, params.bias_heads, params.bias_rows,
+                                            params.bias_cols} != Dims{b, h, sq, sk};
+  if (params.dbias_atomic && deterministic) {
+    return ffi::Error::InvalidArgument(
+        "flash_jax: a deterministic backward needs the bias in its full [batch, heads, seq_q, "
+        "seq_k] shape (flash_jax/_cuda.py expands it), got " + format_dims(dbias_shape));
+  }
   return from_message(run_bwd(params, stream));
 }
 
@@ -346,10 +496,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionFwdCuda, flash_jax::attention_fwd
                                   .Arg<xla::ffi::AnyBuffer>()   // kv_lengths (or [0])
                                   .Arg<xla::ffi::AnyBuffer>()   // q_segment_ids (or [0])
                                   .Arg<xla::ffi::AnyBuffer>()   // kv_segment_ids (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // q_positions (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // kv_positions (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // mask uint8 (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // bias f32 (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // alibi_slopes (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // dropout_seeds (or [0])
                                   .Ret<xla::ffi::AnyBuffer>()   // out
                                   .Ret<xla::ffi::AnyBuffer>()   // lse
                                   .Ret<xla::ffi::AnyBuffer>()   // out_accum (workspace)
                                   .Ret<xla::ffi::AnyBuffer>()   // lse_accum (workspace)
+                                  .Ret<xla::ffi::AnyBuffer>()   // mask_tiles (workspace)
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("causal_top_left")
@@ -359,7 +516,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionFwdCuda, flash_jax::attention_fwd
                                   .Attr<int64_t>("num_splits")
                                   .Attr<bool>("has_q_lengths")
                                   .Attr<bool>("has_kv_lengths")
-                                  .Attr<bool>("has_segment_ids"),
+                                  .Attr<bool>("has_segment_ids")
+                                  .Attr<int64_t>("dropout_threshold")
+                                  .Attr<float>("dropout_scale"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionBwdCuda, flash_jax::attention_bwd,
@@ -376,11 +535,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionBwdCuda, flash_jax::attention_bwd
                                   .Arg<xla::ffi::AnyBuffer>()   // kv_lengths (or [0])
                                   .Arg<xla::ffi::AnyBuffer>()   // q_segment_ids (or [0])
                                   .Arg<xla::ffi::AnyBuffer>()   // kv_segment_ids (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // q_positions (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // kv_positions (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // mask uint8 (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // bias f32 (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // alibi_slopes (or [0])
+                                  .Arg<xla::ffi::AnyBuffer>()   // dropout_seeds (or [0])
                                   .Ret<xla::ffi::AnyBuffer>()   // dq
                                   .Ret<xla::ffi::AnyBuffer>()   // dk (query heads)
                                   .Ret<xla::ffi::AnyBuffer>()   // dv (query heads)
+                                  .Ret<xla::ffi::AnyBuffer>()   // dbias (or [0])
                                   .Ret<xla::ffi::AnyBuffer>()   // dq_accum (workspace)
                                   .Ret<xla::ffi::AnyBuffer>()   // softmax_d (workspace)
+                                  .Ret<xla::ffi::AnyBuffer>()   // mask_tiles (workspace)
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("causal_top_left")
@@ -390,5 +557,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJaxAttentionBwdCuda, flash_jax::attention_bwd
                                   .Attr<bool>("deterministic")
                                   .Attr<bool>("has_q_lengths")
                                   .Attr<bool>("has_kv_lengths")
-                                  .Attr<bool>("has_segment_ids"),
+                                  .Attr<bool>("has_segment_ids")
+                                  .Attr<int64_t>("dropout_threshold")
+                                  .Attr<float>("dropout_scale"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

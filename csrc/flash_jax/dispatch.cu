@@ -2,6 +2,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "flash_jax/api.h"
+#include "flash_jax/common/mask_cells.cuh"
 #include "flash_jax/launch.h"
 
 namespace flash_jax {
@@ -46,13 +47,24 @@ struct LaunchBwd {
   }
 };
 
+// A dense mask is summarised per 16 x 16 cell before the kernels that read it (params.h).
+std::string summarise_mask(const AttentionParams& params, cudaStream_t stream) {
+  if (params.mask == nullptr) return "";
+  if (params.mask_tiles == nullptr) return "flash_jax: a mask needs its mask_tiles workspace";
+  return launch_mask_cells(params, stream);
+}
+
 }  // namespace
 
 std::string run_fwd(const FwdParams& params, cudaStream_t stream) {
+  std::string error = summarise_mask(params, stream);
+  if (!error.empty()) return error;
   return dispatch<FwdParams, LaunchFwd>(params, stream, "forward");
 }
 
 std::string run_bwd(const BwdParams& params, cudaStream_t stream) {
+  std::string error = summarise_mask(params, stream);
+  if (!error.empty()) return error;
   return dispatch<BwdParams, LaunchBwd>(params, stream, "backward");
 }
 

@@ -18,4 +18,14 @@ std::string launch_fwd(const FwdParams& params, cudaStream_t stream);
 template <typename Element, int kHeadDim>
 std::string launch_bwd(const BwdParams& params, cudaStream_t stream);
 
+// The extras variants (positions, dense mask, bias, ALiBi, dropout: params.h), in their own
+// translation units (csrc/instantiations/*_extras_*.cu) so that they compile in parallel with the
+// plain ones. The forward launches everything; the backward only its main kernels, between the
+// preprocessing and the dQ conversion of launch_bwd.
+template <typename Element, int kHeadDim>
+std::string launch_fwd_extras(const FwdParams& params, cudaStream_t stream);
+
+template <typename Element, int kHeadDim>
+std::string launch_bwd_extras_main(const BwdParams& params, int smem_limit, cudaStream_t stream);
+
 }  // namespace flash_jax

@@ -57,7 +57,47 @@ struct AttentionParams {
   const int* kv_segment_ids;
   int64_t q_segment_ids_batch_stride;
   int64_t kv_segment_ids_batch_stride;
+
+  // The operands below run in the "extras" kernel variants (launchers pick them when any is
+  // present; none of them is read by the plain kernels). nullptr / 0 when absent.
+  //   q_positions [batch, seqlen_q], kv_positions [batch, seqlen_k] (int32, given together):
+  //   replace the index diagonal. Query i sees key j when -window_left <= kv_pos[j] - q_pos[i]
+  //   <= window_right (0 when causal; -1 sides unbounded), and ALiBi measures |kv_pos - q_pos|.
+  const int* q_positions;
+  const int* kv_positions;
+  //   mask: uint8 [mask_batch, mask_heads, mask_rows, mask_cols], contiguous, non-zero keeps;
+  //   mask_batch in {1, batch}, mask_heads in {1, heads}, mask_rows in {1, seqlen_q},
+  //   mask_cols in {1, seqlen_k} (1 = broadcast).
+  const uint8_t* mask;
+  int mask_batch, mask_heads, mask_rows, mask_cols;
+  //   mask_tiles: uint8 [mask_batch, mask_heads, ceil(mask_rows / 16), ceil(mask_cols / 16)]
+  //   summary of 16 x 16 cells (kMaskCellAny | kMaskCellAll), written by the launchers before
+  //   the attention kernels so that those skip empty tiles and test no element of full ones.
+  uint8_t* mask_tiles;
+  //   bias: float32 [bias_batch, bias_heads, bias_rows, bias_cols], contiguous, broadcast as mask.
+  const float* bias;
+  int bias_batch, bias_heads, bias_rows, bias_cols;
+  //   alibi_slopes: float32 [alibi_batch, heads], alibi_batch in {1, batch}: the logit of (i, j)
+  //   gets -slope * |j - i - diagonal offset| (or |kv_pos - q_pos|).
+  const float* alibi_slopes;
+  int alibi_batch;
+  //   dropout_seeds: uint32 [batch, 2], the Philox key of each batch row (flash_jax/_dropout.py
+  //   has the counter layout); entries whose 16-bit draw is below dropout_threshold are dropped
+  //   and the kept ones scaled by dropout_scale = 1 / (1 - rate).
+  const uint32_t* dropout_seeds;
+  uint32_t dropout_threshold;
+  float dropout_scale;
 };
+
+constexpr int kMaskCell = 16;
+constexpr uint8_t kMaskCellAny = 1;  // some entry of the cell is kept
+constexpr uint8_t kMaskCellAll = 2;  // every entry of the cell (inside the sequences) is kept
+
+// Whether a call needs the extras kernel variants.
+inline bool uses_extras(const AttentionParams& p) {
+  return p.q_positions != nullptr || p.mask != nullptr || p.bias != nullptr ||
+         p.alibi_slopes != nullptr || p.dropout_seeds != nullptr;
+}
 
 struct FwdParams : AttentionParams {
   void* out;
@@ -99,6 +139,13 @@ struct BwdParams : AttentionParams {
 
   // true: dq accumulation in a fixed order, bitwise reproducible run to run.
   bool deterministic;
+
+  // Gradient of bias, float32 with the bias's shape (zeroed by the launcher). Each entry is the
+  // sum of dL/dlogit over the entries the bias broadcasts to: dbias_atomic when the bias is
+  // broadcast along some axis (several CTAs add to one entry), plain stores otherwise
+  // (bitwise reproducible).
+  float* dbias;
+  bool dbias_atomic;
 };
 
 constexpr int kBwdSeqlenQPadMultiple = 128;

@@ -43,9 +43,19 @@ struct KeyRangeMask {
     m.seqlen_q = valid_length(p.seqlen_q, p.q_lengths, batch);
     m.seqlen_k = valid_length(p.seqlen_k, p.kv_lengths, batch);
     m.diagonal_offset = p.causal_top_left ? 0 : p.seqlen_k - p.seqlen_q;
-    m.left = p.window_left < 0 ? kUnbounded : p.window_left;
-    m.right = p.causal ? 0 : (p.window_right < 0 ? kUnbounded : p.window_right);
+    // With positions the band is on kv_pos - q_pos (ExtrasMask); the index band keeps only the
+    // sequence extents.
+    const bool by_index = p.q_positions == nullptr;
+    m.left = by_index ? band_left(p) : kUnbounded;
+    m.right = by_index ? band_right(p) : kUnbounded;
     return m;
+  }
+
+  __host__ __device__ static int band_left(const AttentionParams& p) {
+    return p.window_left < 0 ? kUnbounded : p.window_left;
+  }
+  __host__ __device__ static int band_right(const AttentionParams& p) {
+    return p.causal ? 0 : (p.window_right < 0 ? kUnbounded : p.window_right);
   }
 
   // min(seqlen, lengths[batch]) clamped at 0, or seqlen without lengths.

@@ -25,6 +25,12 @@
 // kSegmentIds (template flag, the plain path carries no id loads): tiles whose query and key id
 // ranges cannot match skip all products; the rest apply the per-element id test unless every id
 // of both tiles is one and the same.
+//
+// kExtras (positions, dense mask, bias, ALiBi, dropout; segment ids read through Extras): each
+// CTA classifies the tiles it walks into shared memory first (fill_tile_states) and visits only
+// visible ones. Dropout: dS = P * (dP * keep / (1 - rate) - D) and dV accumulates the kept P
+// (scaled by 1 / (1 - rate) at the end). The dK/dV kernel also writes dbias = dL/dlogit, the
+// dS before the softcap factor.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,6 +43,7 @@
 #include <cutlass/numeric_conversion.h>
 #include <cutlass/numeric_types.h>
 
+#include "flash_jax/common/extras.cuh"
 #include "flash_jax/common/fragment.cuh"
 #include "flash_jax/common/mask.cuh"
 #include "flash_jax/common/score_mod.cuh"
@@ -177,15 +184,16 @@ __device__ __forceinline__ void row_stats_from_smem(const float* smem_lse, const
 // softcap), and the extra factor is 1 - t^2; masked entries (t = -inf, P = 0) clamp it to 0 so
 // that 0 * inf never appears.
 // With kSegmentIds, ids_all_match says that the tile needs no per-element id test.
-template <bool kSoftcap, bool kSegmentIds, int kRows, typename AccS, typename AccDp,
-          typename Coords>
-__device__ __forceinline__ void probs_and_dscores(AccS& acc_s, AccDp& acc_dp, const Coords& coords,
-                                                  const KeyRangeMask& mask,
-                                                  const SegmentMask& segments, bool ids_all_match,
-                                                  const Softcap& softcap, float scale_log2,
-                                                  const float (&lse_log2)[kRows],
-                                                  const float (&row_d)[kRows], int row_begin,
-                                                  int row_end, int col_begin, int col_block) {
+// With kExtras, tile_partial says that the tile needs the per-element visibility test, and
+// dbias(row, col, dL/dlogit) receives every in-sequence entry's logit gradient.
+template <bool kSoftcap, bool kSegmentIds, bool kExtras, int kRows, typename AccS, typename AccDp,
+          typename Coords, typename DbiasSink>
+__device__ __forceinline__ void probs_and_dscores(
+    AccS& acc_s, AccDp& acc_dp, const Coords& coords, const KeyRangeMask& mask,
+    const SegmentMask& segments, bool ids_all_match, const Extras& extras, bool tile_partial,
+    const Softcap& softcap, float scale_log2, const float (&lse_log2)[kRows],
+    const float (&row_d)[kRows], int row_begin, int row_end, int col_begin, int col_block,
+    float dropout_scale, const DbiasSink& dbias) {
   if constexpr (kSoftcap) softcap.apply(acc_s);
   if (!mask.tile_fully_allowed(row_begin, row_end, col_begin, col_begin + col_block)) {
     mask.apply(acc_s, coords, row_begin, col_begin);
@@ -197,19 +205,80 @@ __device__ __forceinline__ void probs_and_dscores(AccS& acc_s, AccDp& acc_dp, co
   }
   Tensor scores = accum_rowcol(acc_s);
   Tensor dscores = accum_rowcol(acc_dp);
+  Tensor coords_rowcol = make_tensor(coords.data(), accum_rowcol_layout(coords.layout()));
+  constexpr int kEntries = decltype(size(acc_s))::value;
+  uint32_t keep[(kEntries + 31) / 32];
+  bool dropout = false, offsets = false;
+  if constexpr (kExtras) {
+    if (tile_partial && extras.has_visibility()) {
+      extras.apply_visibility(acc_s, coords, row_begin, col_begin);
+    }
+    offsets = extras.has_offsets();
+    dropout = extras.dropout;
+    // The n8 atoms of one thread lie in different 16-column spans here (warps side by side
+    // along the keys): one Philox call per atom.
+    if (dropout) extras.keep_bits<1>(coords_rowcol, row_begin, col_begin, keep);
+  }
 #pragma unroll
   for (int r = 0; r < size<0>(scores); ++r) {
 #pragma unroll
     for (int c = 0; c < size<1>(scores); ++c) {
       const float score = scores(r, c);
-      const float p = fast_exp2(score * scale_log2 - lse_log2[r]);
-      float ds = p * (dscores(r, c) - row_d[r]);
+      const int row = row_begin + static_cast<int>(get<0>(coords_rowcol(r, c)));
+      const int col = col_begin + static_cast<int>(get<1>(coords_rowcol(r, c)));
+      const bool inside = row < extras.seqlen_q && col < extras.seqlen_k;
+      float logit_score = score;
+      if (kExtras && offsets && inside) logit_score += extras.offset(row, col);
+      float p = fast_exp2(logit_score * scale_log2 - lse_log2[r]);
+      float dp = dscores(r, c);
+      if (kExtras && dropout) {
+        const bool kept = bit_set(keep, r * size<1>(scores) + c);
+        dp = kept ? dp * dropout_scale : 0.f;
+        scores(r, c) = kept ? p : 0.f;
+      } else {
+        scores(r, c) = p;
+      }
+      float ds = p * (dp - row_d[r]);
+      if constexpr (kExtras) {
+        if (inside) dbias(row, col, ds);
+      }
       if constexpr (kSoftcap) ds *= fmaxf(1.f - score * score, 0.f);
-      scores(r, c) = p;
       dscores(r, c) = ds;
     }
   }
 }
+
+// dbias sinks: none (plain kernels, deterministic dQ kernel) or the dK/dV kernel's writer.
+struct NoDbias {
+  __device__ void operator()(int, int, float) const {}
+};
+
+struct DbiasWriter {
+  float* base;  // this (batch, head) of the bias-shaped gradient, or nullptr
+  int64_t row_stride;
+  int col_stride;
+  bool atomic;
+
+  __device__ static DbiasWriter make(const BwdParams& p, int batch, int head) {
+    DbiasWriter w{nullptr, 0, 0, p.dbias_atomic};
+    if (p.dbias == nullptr) return w;
+    const int64_t bb = p.bias_batch == 1 ? 0 : batch, bh = p.bias_heads == 1 ? 0 : head;
+    w.base = p.dbias + (bb * p.bias_heads + bh) * p.bias_rows * p.bias_cols;
+    w.row_stride = p.bias_rows == 1 ? 0 : p.bias_cols;
+    w.col_stride = p.bias_cols == 1 ? 0 : 1;
+    return w;
+  }
+
+  __device__ void operator()(int row, int col, float value) const {
+    if (base == nullptr) return;
+    float* address = base + row * row_stride + col * col_stride;
+    if (atomic) {
+      atomicAdd(address, value);
+    } else {
+      *address = value;
+    }
+  }
+};
 
 // Global view of one head of a [batch, seq, heads, head_dim] tensor as (seq, kHeadDim), cut into
 // kBlockRows-row tiles: (kBlockRows, kHeadDim, num_blocks).
@@ -221,9 +290,10 @@ __device__ __forceinline__ auto head_tiles(Element* base, int seqlen, int64_t ro
 }
 
 // ---------------------------------------------------------------------------------------------
-template <typename Traits, bool kSoftcap, bool kAccumulateDq, bool kSegmentIds>
+template <typename Traits, bool kSoftcap, bool kAccumulateDq, bool kSegmentIds, bool kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dkdv_kernel(const __grid_constant__ BwdParams params) {
+  static_assert(!(kExtras && kSegmentIds), "extras variants read segment ids themselves");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -245,8 +315,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int key_begin = n_block * kBlockN;
   int first_row, end_row;
   mask.query_row_range(key_begin, min(key_begin + kBlockN, mask.seqlen_k), &first_row, &end_row);
-  const int m_block_begin = first_row / kBlockM;
-  const int m_block_end = end_row > first_row ? (end_row + kBlockM - 1) / kBlockM : m_block_begin;
+  int m_block_begin = first_row / kBlockM;
+  int m_block_end = end_row > first_row ? (end_row + kBlockM - 1) / kBlockM : m_block_begin;
 
   const int64_t bh = int64_t(batch) * params.heads + head;
   const int seqlen_q_padded = padded_seqlen_q(seqlen_q);
@@ -289,6 +359,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Element* smem_ds = smem_p + Traits::kPdSTileElems;
   float* smem_lse = reinterpret_cast<float*>(smem_ds + Traits::kPdSTileElems);  // 2 stages
   float* smem_d = smem_lse + 2 * kBlockM;                                         // 2 stages
+  uint8_t* tile_states = smem + Traits::kSmemBytesDkDv;  // kExtras: one byte per query block
+
+  Extras extras{};
+  const int states_begin = m_block_begin;
+  if constexpr (kExtras) {
+    extras = Extras::make(params, batch, head,
+                          SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
+    if (m_block_end > m_block_begin) {
+      fill_tile_states<Traits::kNThreads, kBlockM, false>(
+          extras, mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
+          m_block_end, tile_states);
+      const int last = visible_block_at_or_below(tile_states, states_begin, m_block_end - 1);
+      m_block_begin = visible_block_at_or_above(tile_states, states_begin, m_block_end, m_block_begin);
+      m_block_end = last < m_block_begin ? m_block_begin : last + 1;
+    }
+  }
+  const DbiasWriter dbias = kExtras ? DbiasWriter::make(params, batch, head) : DbiasWriter{};
 
   using SmemLayoutQ = typename Traits::SmemLayoutQ;
   using SmemLayoutQt = typename Traits::SmemLayoutQt;
@@ -422,16 +509,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     cp_async_fence();
   }
 
-  for (int m_block = m_block_begin; m_block < m_block_end; ++m_block) {
-    const int stage = (m_block - m_block_begin) & 1;
+  int iteration = 0;
+  for (int m_block = m_block_begin, next = 0; m_block < m_block_end; m_block = next, ++iteration) {
+    const int stage = iteration & 1;
     const int row_begin = m_block * kBlockM;
+    next = kExtras ? visible_block_at_or_above(tile_states, states_begin, m_block_end, m_block + 1)
+                   : m_block + 1;
 
     // The current stage has landed, and every thread is done with the previous iteration's
     // buffers (the other stage, P, dS).
     cp_async_wait<0>();
     __syncthreads();
-    if (m_block + 1 < m_block_end) {
-      load_q_do(m_block + 1, stage ^ 1);
+    if (next < m_block_end) {
+      load_q_do(next, stage ^ 1);
       cp_async_fence();
     }
     // Query blocks whose ids cannot match skip every product (the loads stay in the pipeline).
@@ -458,10 +548,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     float row_d[kRows];
     row_stats_from_smem(smem_lse + stage * kBlockM, smem_d + stage * kBlockM, coords_s_rowcol,
                         lse_log2, row_d);
-    probs_and_dscores<kSoftcap, kSegmentIds>(acc_s, acc_dp, coords_s, mask, segments,
-                                             ids_all_match, softcap, scale_log2, lse_log2, row_d,
-                                             row_begin, min(row_begin + kBlockM, seqlen_q),
-                                             key_begin, kBlockN);
+    probs_and_dscores<kSoftcap, kSegmentIds, kExtras>(
+        acc_s, acc_dp, coords_s, mask, segments, ids_all_match, extras,
+        kExtras && tile_states[m_block - states_begin] == kTilePartial, softcap, scale_log2,
+        lse_log2, row_d, row_begin, min(row_begin + kBlockM, seqlen_q), key_begin, kBlockN,
+        params.dropout_scale, dbias);
 
     Tensor p_elem = make_tensor<Element>(acc_s.layout());
     convert_fragment(acc_s, p_elem);
@@ -500,6 +591,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // memory (the Q and dO stages) to coalesced 16-byte global stores.
 #pragma unroll
   for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= params.softmax_scale;
+  if constexpr (kExtras) {
+    if (extras.dropout) {
+#pragma unroll
+      for (int i = 0; i < size(acc_dv); ++i) acc_dv(i) *= params.dropout_scale;
+    }
+  }
   Tensor dk_elem = make_tensor<Element>(acc_dk.layout());
   Tensor dv_elem = make_tensor<Element>(acc_dv.layout());
   convert_fragment(acc_dk, dk_elem);
@@ -533,9 +630,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: one CTA per (query block, head, batch), key blocks visited in ascending order,
 // dQ accumulated in registers: no atomics, so the result is bitwise reproducible.
-template <typename Traits, bool kSoftcap, bool kSegmentIds>
+template <typename Traits, bool kSoftcap, bool kSegmentIds, bool kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dq_kernel(const __grid_constant__ BwdParams params) {
+  static_assert(!(kExtras && kSegmentIds), "extras variants read segment ids themselves");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -590,6 +688,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Element* smem_k = smem_do + Traits::kQTileElems;  // 2 stages
   Element* smem_v = smem_k + 2 * kKVTileElems;       // 2 stages
   Element* smem_ds = smem_v + 2 * kKVTileElems;
+  uint8_t* tile_states = smem + Traits::kSmemBytesDq;  // kExtras: one byte per key block
+
+  Extras extras{};
+  const int states_begin = n_block_begin;
+  if constexpr (kExtras) {
+    extras = Extras::make(params, batch, head,
+                          SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
+    if (n_block_end > n_block_begin) {
+      fill_tile_states<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
+                                                         n_block_begin, n_block_end, tile_states);
+      const int last = visible_block_at_or_below(tile_states, states_begin, n_block_end - 1);
+      n_block_begin = visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block_begin);
+      n_block_end = last < n_block_begin ? n_block_begin : last + 1;
+    }
+  }
 
   using SmemLayoutKV = typename Traits::SmemLayoutKV;
   Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
@@ -678,13 +791,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     cp_async_fence();
   }
 
-  for (int n_block = n_block_begin; n_block < n_block_end; ++n_block) {
-    const int stage = (n_block - n_block_begin) & 1;
+  int iteration = 0;
+  for (int n_block = n_block_begin, next = 0; n_block < n_block_end; n_block = next, ++iteration) {
+    const int stage = iteration & 1;
     const int key_begin = n_block * kBlockN;
+    next = kExtras ? visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block + 1)
+                   : n_block + 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (n_block + 1 < n_block_end) {
-      load_k_v(n_block + 1, stage ^ 1);
+    if (next < n_block_end) {
+      load_k_v(next, stage ^ 1);
       cp_async_fence();
     }
     // Key blocks whose ids cannot match skip every product (the loads stay in the pipeline).
@@ -705,9 +821,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, tSsQ, smem_thr_copy_b_sdp.partition_S(sK(stage)),
               smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
               smem_thr_copy_b_sdp);
-    probs_and_dscores<kSoftcap, kSegmentIds>(acc_s, acc_dp, coords_s, mask, segments,
-                                             ids_all_match, softcap, scale_log2, lse_log2, row_d,
-                                             row_begin, row_end, key_begin, kBlockN);
+    probs_and_dscores<kSoftcap, kSegmentIds, kExtras>(
+        acc_s, acc_dp, coords_s, mask, segments, ids_all_match, extras,
+        kExtras && tile_states[n_block - states_begin] == kTilePartial, softcap, scale_log2,
+        lse_log2, row_d, row_begin, row_end, key_begin, kBlockN, params.dropout_scale, NoDbias{});
     Tensor ds_elem = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, ds_elem);
     copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(ds_elem), tdSsdS);

@@ -9,36 +9,13 @@
 #include <cstdint>
 #include <string>
 
+#include "flash_jax/device_limits.h"
 #include "flash_jax/launch.h"
 #include "flash_jax/params.h"
 #include "flash_jax/sm80/bwd_kernel.cuh"
 
 namespace flash_jax {
 namespace bwd {
-
-// Largest dynamic shared memory a block may opt into on the current device, cached per device.
-inline int max_dynamic_smem_per_block(std::string* error) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  int device = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status != cudaSuccess) {
-    *error = std::string("cudaGetDevice: ") + cudaGetErrorString(status);
-    return 0;
-  }
-  if (device < kMaxDevices) {
-    int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int value = 0;
-  status = cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (status != cudaSuccess) {
-    *error = std::string("cudaDeviceGetAttribute: ") + cudaGetErrorString(status);
-    return 0;
-  }
-  if (device < kMaxDevices) cache[device].store(value, std::memory_order_relaxed);
-  return value;
-}
 
 inline bool aligned16(const void* pointer) {
   return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
@@ -123,8 +100,10 @@ std::string launch(Kernel kernel, const char* name, dim3 grid, int smem_bytes, i
            " bytes of shared memory, the device allows " + std::to_string(smem_limit);
   }
   if (smem_bytes > 48 * 1024) {
+    // The device maximum rather than this call's size: the extras variants' size varies with the
+    // sequence length, and a smaller value set by one call must not fail a concurrent larger one.
     cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
     if (status != cudaSuccess) {
       return std::string(name) + ": cudaFuncSetAttribute: " + cudaGetErrorString(status);
     }
@@ -145,23 +124,31 @@ std::string launch_row_kernel(Kernel kernel, const char* name, dim3 grid, cudaSt
   return "";
 }
 
+// Bytes of tile states the extras variants keep after their tiles: one per walked block.
+inline int tile_state_bytes(int blocks) { return (blocks + 15) / 16 * 16; }
+
 // dK/dV (with atomic dQ) or, when deterministic, dK/dV then the dQ kernel, for one combination
 // of the template flags.
-template <typename Traits, bool kSoftcap, bool kSegmentIds>
+template <typename Traits, bool kSoftcap, bool kSegmentIds, bool kExtras = false>
 std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t stream) {
   const unsigned heads = params.heads;
   const unsigned batch = params.batch;
-  const dim3 key_grid((params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, heads, batch);
+  const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int query_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int dkdv_smem = Traits::kSmemBytesDkDv + (kExtras ? tile_state_bytes(query_blocks) : 0);
+  const int dq_smem = Traits::kSmemBytesDq + (kExtras ? tile_state_bytes(key_blocks) : 0);
+  const dim3 key_grid(key_blocks, heads, batch);
   if (!params.deterministic) {
-    return launch(dkdv_kernel<Traits, kSoftcap, true, kSegmentIds>, "backward dK/dV/dQ", key_grid,
-                  Traits::kSmemBytesDkDv, smem_limit, stream, params);
+    return launch(dkdv_kernel<Traits, kSoftcap, true, kSegmentIds, kExtras>, "backward dK/dV/dQ",
+                  key_grid, dkdv_smem, smem_limit, stream, params);
   }
-  std::string error = launch(dkdv_kernel<Traits, kSoftcap, false, kSegmentIds>, "backward dK/dV",
-                             key_grid, Traits::kSmemBytesDkDv, smem_limit, stream, params);
+  std::string error =
+      launch(dkdv_kernel<Traits, kSoftcap, false, kSegmentIds, kExtras>, "backward dK/dV",
+             key_grid, dkdv_smem, smem_limit, stream, params);
   if (!error.empty()) return error;
-  const dim3 query_grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, heads, batch);
-  return launch(dq_kernel<Traits, kSoftcap, kSegmentIds>, "backward deterministic dQ", query_grid,
-                Traits::kSmemBytesDq, smem_limit, stream, params);
+  const dim3 query_grid(query_blocks, heads, batch);
+  return launch(dq_kernel<Traits, kSoftcap, kSegmentIds, kExtras>, "backward deterministic dQ",
+                query_grid, dq_smem, smem_limit, stream, params);
 }
 
 }  // namespace bwd
@@ -173,7 +160,7 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
   std::string error = bwd::check_params(params, kHeadDim);
   if (!error.empty()) return "flash_jax backward: " + error;
   if (params.batch == 0 || params.heads == 0) return "";
-  const int smem_limit = bwd::max_dynamic_smem_per_block(&error);
+  const int smem_limit = max_dynamic_smem_per_block(&error);
   if (!error.empty()) return "flash_jax backward: " + error;
 
   const unsigned heads = params.heads;
@@ -189,7 +176,17 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
   if (!error.empty()) return "flash_jax " + error;
 
   const bool segment_ids = params.q_segment_ids != nullptr;
-  if (softcap) {
+  if (uses_extras(params)) {
+    if (params.dbias != nullptr) {
+      const size_t bytes = sizeof(float) * size_t(params.bias_batch) * params.bias_heads *
+                           params.bias_rows * params.bias_cols;
+      cudaError_t status = cudaMemsetAsync(params.dbias, 0, bytes, stream);
+      if (status != cudaSuccess) {
+        return std::string("flash_jax backward: zeroing dbias: ") + cudaGetErrorString(status);
+      }
+    }
+    error = launch_bwd_extras_main<Element, kHeadDim>(params, smem_limit, stream);
+  } else if (softcap) {
     error = segment_ids ? bwd::launch_main<Traits, true, true>(params, smem_limit, stream)
                         : bwd::launch_main<Traits, true, false>(params, smem_limit, stream);
   } else {

@@ -17,6 +17,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "flash_jax/common/extras.cuh"
 #include "flash_jax/common/fragment.cuh"
 #include "flash_jax/common/mask.cuh"
 #include "flash_jax/common/score_mod.cuh"
@@ -158,7 +159,11 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 // kSegmentIds: params.q_segment_ids / kv_segment_ids are given (a template flag so that the
 // plain path carries neither the id loads nor the per-block range checks). q_lengths /
 // kv_lengths need no flag: they only narrow the mask's extents, read once per CTA.
-template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds>
+// kExtras: positions, dense mask, bias, ALiBi and dropout (params.h), each a uniform run-time
+// branch; segment ids are then read through Extras too (kSegmentIds false). The CTA first
+// classifies its key blocks into shared memory (after the tiles, ceil(key blocks / 16) * 16
+// bytes), then walks only the visible ones. Not combined with kSplit.
+template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds, bool kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_constant__ FwdParams params) {
   using namespace cute;
   using Element = typename Traits::Element;
@@ -201,6 +206,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       --n_block_end;
     }
   }
+  static_assert(!(kExtras && (kSplit || kSegmentIds)), "extras variants read segment ids themselves");
+  const SoftmaxScales scales = SoftmaxScales::make(params.softmax_scale, params.softcap);
+  Extras extras{};
+  uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes;
+  const int states_begin = n_block_begin;
+  if constexpr (kExtras) {
+    extras = Extras::make(params, batch, head, scales.scale);
+    if (n_block_end > n_block_begin) {
+      fill_tile_states<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
+                                                         n_block_begin, n_block_end, tile_states);
+      const int last = visible_block_at_or_below(tile_states, states_begin, n_block_end - 1);
+      n_block_begin = visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block_begin);
+      n_block_end = last < n_block_begin ? n_block_begin : last + 1;
+    }
+  }
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(thread);
@@ -211,7 +231,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   Tensor o_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor o_coords_rowcol = make_tensor(o_coords.data(), accum_rowcol_layout(o_coords.layout()));
 
-  const SoftmaxScales scales = SoftmaxScales::make(params.softmax_scale, params.softcap);
   OnlineSoftmax<kRowsPerThread> softmax;
   float lse[kRowsPerThread];
 
@@ -270,6 +289,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);
 
     Tensor s_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+    Tensor s_coords_rowcol = make_tensor(s_coords.data(), accum_rowcol_layout(s_coords.layout()));
     const Softcap softcap = Softcap::make(params.softmax_scale, kSoftcap ? params.softcap : 1.f);
     const int seqlen_k = mask.seqlen_k;
     int n_unmasked_begin, n_unmasked_end;
@@ -305,6 +325,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
         if constexpr (kSegmentIds) {
           segments.apply(acc_s, s_coords, row_begin, n * kBlockN, mask.seqlen_q, seqlen_k);
         }
+        if constexpr (kExtras) {
+          if (extras.has_visibility()) extras.apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
+        }
+      }
+      if constexpr (kExtras) {
+        if (extras.has_offsets()) extras.add_offsets(acc_s, s_coords, row_begin, n * kBlockN);
       }
 
       cp_async_wait<0>();
@@ -316,6 +342,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
 
       Tensor acc_s_rowcol = make_tensor(acc_s.data(), accum_rowcol_layout(acc_s.layout()));
       softmax.update(acc_s_rowcol, acc_o_rowcol, scales.scale_log2);
+      if constexpr (kExtras) {
+        // After the row sums: dropout removes weights from the output, not from the softmax.
+        // Each thread's two successive n8 atoms lie 8 columns apart in one 16-column span (one
+        // warp along N), so one Philox call serves both.
+        if (extras.dropout) {
+          constexpr int kEntries = decltype(size(acc_s))::value;
+          uint32_t keep[(kEntries + 31) / 32];
+          extras.keep_bits<2>(s_coords_rowcol, row_begin, n * kBlockN, keep);
+#pragma unroll
+          for (int r = 0; r < size<0>(acc_s_rowcol); ++r) {
+#pragma unroll
+            for (int c = 0; c < size<1>(acc_s_rowcol); ++c) {
+              if (!bit_set(keep, r * size<1>(acc_s_rowcol) + c)) acc_s_rowcol(r, c) = 0.f;
+            }
+          }
+        }
+      }
       Tensor p = make_tensor<Element>(accum_as_operand_a_layout(acc_s.layout()));
       convert_fragment(acc_s, p);
       gemm_regs_smem(acc_o, p, tOrVt, tOsVt, tiled_mma, smem_copy_v, thread);
@@ -325,7 +368,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     // diagonal, window right edge), then the unmasked interval, then those at the window's left
     // edge. Only unmasked blocks lie inside seqlen_k entirely, so only masked ones check rows.
     softmax.init();
-    if constexpr (kSegmentIds) {
+    if constexpr (kExtras) {
+      for (int n = n_block_end - 1; n >= n_block_begin;) {
+        const int next = visible_block_at_or_below(tile_states, states_begin, n - 1);
+        if (tile_states[n - states_begin] == kTileFull) {
+          key_block(n, next, cute::false_type{});
+        } else {
+          key_block(n, next, cute::true_type{});
+        }
+        n = next;
+      }
+    } else if constexpr (kSegmentIds) {
       // Only the blocks that may match; one is unmasked when it lies inside the band and all its
       // ids equal the query tile's single id.
       for (int n = n_block_end - 1; n >= n_block_begin;) {
@@ -346,6 +399,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       for (; n >= n_block_begin; --n) key_block(n, n - 1, cute::true_type{});
     }
     softmax.finalize(acc_o_rowcol, scales.scale, lse);
+    if constexpr (kExtras) {
+      if (extras.dropout) {
+#pragma unroll
+        for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= params.dropout_scale;
+      }
+    }
   } else {
     // No key visible to any row of this block (or of this split): output 0, lse -inf.
     clear(acc_o);

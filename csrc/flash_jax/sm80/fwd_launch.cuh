@@ -23,6 +23,7 @@
 #include <atomic>
 #include <string>
 
+#include "flash_jax/device_limits.h"
 #include "flash_jax/launch.h"
 #include "flash_jax/sm80/fwd_kernel.cuh"
 
@@ -102,17 +103,32 @@ cudaError_t raise_smem_limit(Kernel kernel, int bytes, std::atomic<bool>* done_p
   return error;
 }
 
-template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds>
+template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds, bool kExtras = false>
 std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
-  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kSegmentIds>;
-  cudaError_t error = raise_smem_limit(kernel, Traits::kSmemBytes, smem_limit_raised, kMaxDevices);
+  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kSegmentIds, kExtras>;
+  int smem_bytes = Traits::kSmemBytes;
+  int smem_attribute = smem_bytes;
+  if constexpr (kExtras) {
+    // One tile-state byte per key block; the attribute is raised to the device maximum once
+    // since the size varies with seqlen_k.
+    const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+    smem_bytes += (key_blocks + 15) / 16 * 16;
+    std::string message;
+    smem_attribute = max_dynamic_smem_per_block(&message);
+    if (!message.empty()) return "flash_jax forward: " + message;
+    if (smem_bytes > smem_attribute) {
+      return "flash_jax forward: " + std::to_string(key_blocks) +
+             " key blocks need more shared memory for their tile states than the device has";
+    }
+  }
+  cudaError_t error = raise_smem_limit(kernel, smem_attribute, smem_limit_raised, kMaxDevices);
   if (error != cudaSuccess) return cuda_error_message("raising the shared-memory limit", error);
   const int num_splits = kSplit ? params.num_splits : 1;
   const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads,
                   params.batch * num_splits);
-  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+  kernel<<<grid, Traits::kNThreads, smem_bytes, stream>>>(params);
   error = cudaGetLastError();
   if (error != cudaSuccess) return cuda_error_message("kernel launch", error);
   return "";
@@ -202,6 +218,7 @@ std::string launch_fwd(const FwdParams& params, cudaStream_t stream) {
   std::string error = sm80::check_fwd_params(params, kHeadDim);
   if (!error.empty()) return error;
   using Config = sm80::FwdConfig<Element, kHeadDim>;
+  if (uses_extras(params)) return launch_fwd_extras<Element, kHeadDim>(params, stream);
   if (params.num_splits == 1) return sm80::launch_fwd_kernel<typename Config::Main, false>(params, stream);
   error = sm80::launch_fwd_kernel<typename Config::Split, true>(params, stream);
   if (!error.empty()) return error;
