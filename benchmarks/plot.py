@@ -10,11 +10,15 @@ PNG files written to --out, each only when the inputs hold its data:
   grid_tflops_<dtype>.png   grid: TFLOP/s of flash_jax, cudnn and xla, one panel per
                             (head dim, causal, pass)
   seed_speedup.png          seed configuration: xla time over flash_jax's, one line per variant
+                            (none, key padding, dropout, padding+dropout)
   seed_memory.png           seed configuration: xla compiled temp memory over flash_jax's, one
                             line per variant
+  memory_reduction.png      memory suite: compiled temp and peak device memory of flash_jax and
+                            xla against the sequence length, and xla's over flash_jax's
 
-A variant that standard attention does not support (dropout: jax.nn.dot_product_attention has
-none) is compared with xla's plain attention and labelled so. Points an implementation could not
+bench_attention.py measures xla with dropout as standard attention written out; in files from
+before that, where xla's dropout points are unsupported, flash_jax with dropout is compared with
+xla's plain attention and labelled so. Points an implementation could not
 run (oom, error, unsupported) are left out of their line and marked with that status. When several
 files hold the same point, the later file's is used. Each figure carries the GPU, driver, jax and
 cuDNN versions and the date of the runs it shows. Needs matplotlib (pip install ".[bench]").
@@ -40,13 +44,14 @@ from matplotlib import ticker  # noqa: E402
 # flash_jax, which plotting does not need.
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
-VARIANTS = ("none", "padding", "dropout")
+VARIANTS = ("none", "padding", "dropout", "padding+dropout")
 IMPL_STYLE = {"flash_jax": dict(color="tab:red", marker="o"),
               "cudnn": dict(color="tab:blue", marker="s"),
               "xla": dict(color="tab:gray", marker="^")}
 VARIANT_STYLE = {"none": dict(color="tab:red", marker="o"),
                  "padding": dict(color="tab:purple", marker="s"),
-                 "dropout": dict(color="tab:green", marker="D")}
+                 "dropout": dict(color="tab:green", marker="D"),
+                 "padding+dropout": dict(color="tab:orange", marker="v")}
 HEAD_DIM_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
 BASELINE = "xla"
 DPI = 110  # keeps the committed PNGs around 50-150 kB
@@ -261,7 +266,8 @@ def grid_tflops(records, dtype, out):
               grid_settings(grid, dtype), grid, out / f"grid_tflops_{dtype}.png")
 
 
-VARIANT_LABELS = {"none": "no mask, no dropout", "padding": "key padding", "dropout": "dropout"}
+VARIANT_LABELS = {"none": "no mask, no dropout", "padding": "key padding", "dropout": "dropout",
+                  "padding+dropout": "key padding and dropout"}
 
 
 def seed_ratio(records, out, metric, name, title, ylabel, log_y):
@@ -299,6 +305,54 @@ def seed_ratio(records, out, metric, name, title, ylabel, log_y):
   return save(fig, title, settings, seed, out / name)
 
 
+MEMORY_METRICS = (("temp_mib", "compiled temp", "-"), ("peak_mib", "peak", "--"))
+
+
+def metric_points(by_key, line, impl, seqs, metric):
+  """[(seq, value, None) or (seq, None, failure)] of one implementation; runs that lack the
+  metric (no peak memory on CPU) are left out."""
+  points = []
+  for seq in seqs:
+    record = by_key.get((line, impl, seq))
+    if record is None or (ok(record) and record.get(metric) is None):
+      continue
+    points.append((seq, record[metric], None) if ok(record) else (seq, None, status_text(record)))
+  return points
+
+
+def memory_reduction(records, out):
+  """Memory suite: MiB of flash_jax and xla (left), xla's over flash_jax's (right), for the
+  compiled temp memory (solid) and the peak device memory (dashed)."""
+  runs = [r for r in records if r["suite"] == "memory"]
+  ours = [r for r in runs if r["impl"] == "flash_jax"]
+  if not ours or not any(r["impl"] == BASELINE for r in runs):
+    return None
+  by_key, seqs, line = index(runs), sorted({r["seq"] for r in runs}), line_of(ours[0])
+  fig, (absolute, reduction) = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
+  for metric, name, linestyle in MEMORY_METRICS:
+    for impl in ("flash_jax", BASELINE):
+      points = metric_points(by_key, line, impl, seqs, metric)
+      if points:
+        draw_line(absolute, points, f"{impl} {name}", IMPL_STYLE[impl], linestyle)
+    points = ratio_points(by_key, line, line, seqs, metric)
+    if points:
+      draw_line(reduction, points, name, IMPL_STYLE["flash_jax"], linestyle)
+  for ax, ylabel in ((absolute, "MiB"), (reduction, "xla memory / flash_jax's")):
+    format_seq_axis(ax, seqs)
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+  reduction.axhline(1, color="0.5", linewidth=0.8)
+  first = runs[0]
+  settings = (f"batch {first['batch']}, {first['heads']} heads, head dim {first['head_dim']}, "
+              f"{first['dtype']}, forward+backward; peak: one call in a fresh process, inputs "
+              "included")
+  return save(fig, "Memory of flash_jax and standard attention (xla)", settings, runs,
+              out / "memory_reduction.png")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,11 +373,12 @@ def main(argv=None):
       seed_ratio(records, args.out, "temp_mib", "seed_memory.png",
                  "flash_jax memory reduction over standard attention (xla)",
                  "xla compiled temp memory / flash_jax's", log_y=True),
+      memory_reduction(records, args.out),
   ]
   written = [path for path in written if path is not None]
   if not written:
     print("plot.py: no figure has data in these files: they hold no grid points, and no seed "
-          "points of both flash_jax and xla", file=sys.stderr)
+          "or memory points of both flash_jax and xla", file=sys.stderr)
     return 1
   for path in written:
     print(path)
