@@ -18,9 +18,9 @@ PNG files written to --out, each only when the inputs hold its data:
 
 bench_attention.py measures xla with dropout as standard attention written out; in files from
 before that, where xla's dropout points are unsupported, flash_jax with dropout is compared with
-xla's plain attention and labelled so. Points an implementation could not
-run (oom, error, unsupported) are left out of their line and marked with that status. When several
-files hold the same point, the later file's is used. Each figure carries the GPU, driver, jax and
+xla's plain attention and labelled so. Points an implementation could not run (oom, error,
+unsupported) are left out of their line and marked with that status. When several files hold the
+same point, the later file's is used. Each figure carries the GPU, driver, jax and
 cuDNN versions and the date of the runs it shows. Needs matplotlib (pip install ".[bench]").
 """
 
