@@ -282,7 +282,7 @@ def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: Attenti
   bias = optional[config.operands.index("bias")] if "bias" in config.operands else None
   # A broadcast bias gathers its gradient with atomics; the deterministic backward gets the full
   # shape instead (plain stores) and sums here, in a fixed order.
-  expand_bias = (bias is not None and config.deterministic and
+  expand_bias = (bias is not None and config.deterministic and bias.shape[3] != 1 and
                  bias.shape != (batch, heads, seq_q, seq_k))
   operands, attributes = _kernel_operands(query, key, config, optional, expand_bias=expand_bias)
   aligned = _aligned_head_dim(head_dim)
@@ -291,7 +291,12 @@ def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: Attenti
   seq_q_padded = -(-seq_q // _BWD_SEQLEN_Q_PAD_MULTIPLE) * _BWD_SEQLEN_Q_PAD_MULTIPLE
   dkv = jax.ShapeDtypeStruct((batch, seq_k, heads, aligned), key.dtype)
   bias_operand = operands[list(_KERNEL_OPERANDS).index("bias")]
-  dbias_shape = jax.ShapeDtypeStruct(bias_operand.shape, jnp.float32)
+  # A bias constant along the keys shifts all logits of a row alike: softmax ignores it and only
+  # the lse moves with it, so its gradient is dlse exactly (0 on rows that see no key). Formed
+  # here instead of as the kernel's sum of dS over keys, which cancels to rounding noise of
+  # rowsum(dout * out) and would serialise on one atomic address per row.
+  kernel_dbias = bias is not None and bias.shape[3] != 1
+  dbias_shape = jax.ShapeDtypeStruct(bias_operand.shape if kernel_dbias else (0,), jnp.float32)
   call = jax.ffi.ffi_call(
       BWD_TARGET,
       [jax.ShapeDtypeStruct(query.shape, query.dtype), dkv, dkv,
@@ -312,6 +317,8 @@ def bwd_cuda(query, key, value, out, lse, dout, dlse, *optional, config: Attenti
     dk, dv = reduce_group(dk), reduce_group(dv)
   grads = [dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]]
   if bias is not None:
+    if not kernel_dbias:
+      dbias = jnp.where(jnp.isfinite(lse), dlse, 0.0)[..., None]
     broadcast_axes = tuple(axis for axis in range(4) if bias.shape[axis] != dbias.shape[axis])
     grads.append(dbias.sum(axis=broadcast_axes, keepdims=True).astype(bias.dtype))
   return tuple(grads)

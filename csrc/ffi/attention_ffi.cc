@@ -420,10 +420,12 @@ ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   }
   const int64_t b = params.batch, sq = params.seqlen_q, sk = params.seqlen_k, h = params.heads;
   const int64_t d = params.head_dim;
-  // dbias: the bias's own shape (broadcast entries accumulate atomically), or [0] without bias.
-  const Dims dbias_shape = params.bias ? Dims{params.bias_batch, params.bias_heads,
-                                              params.bias_rows, params.bias_cols}
-                                       : Dims{0};
+  // dbias: the bias's own shape (broadcast entries accumulate atomically), or [0] when not
+  // wanted (no bias, or a bias constant along the keys, whose gradient Python forms from dlse).
+  const Dims bias_shape = {params.bias_batch, params.bias_heads, params.bias_rows,
+                           params.bias_cols};
+  const bool want_dbias = params.bias && dbias->dimensions().size() == 4;
+  const Dims dbias_shape = want_dbias ? bias_shape : Dims{0};
   const int64_t sq_padded = round_up(sq, kBwdSeqlenQPadMultiple);
   const ffi::DataType dtype = q.element_type();
   const Dims q_shape = {b, sq, h, d};
@@ -472,9 +474,8 @@ ffi::Error attention_bwd(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   params.dq_accum = static_cast<float*>(dq_accum->untyped_data());
   params.softmax_d = static_cast<float*>(softmax_d->untyped_data());
   params.deterministic = deterministic;
-  params.dbias = params.bias ? static_cast<float*>(dbias->untyped_data()) : nullptr;
-  params.dbias_atomic = params.bias && Dims{params.bias_batch, params.bias_heads, params.bias_rows,
-                                            params.bias_cols} != Dims{b, h, sq, sk};
+  params.dbias = want_dbias ? static_cast<float*>(dbias->untyped_data()) : nullptr;
+  params.dbias_atomic = want_dbias && bias_shape != Dims{b, h, sq, sk};
   if (params.dbias_atomic && deterministic) {
     return ffi::Error::InvalidArgument(
         "flash_jax: a deterministic backward needs the bias in its full [batch, heads, seq_q, "
