@@ -141,7 +141,8 @@ _KERNEL_OPERANDS = {
     "dropout_seed": jnp.uint32,
 }
 # Operands that only the extras kernel variants read (they run without split-KV).
-_EXTRAS = ("q_positions", "kv_positions", "mask", "bias", "alibi_slopes", "dropout_seed")
+_EXTRAS = ("q_segment_ids", "kv_segment_ids", "q_positions", "kv_positions", "mask", "bias",
+           "alibi_slopes", "dropout_seed")
 _MASK_CELL = 16
 
 

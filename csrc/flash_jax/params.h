@@ -58,8 +58,8 @@ struct AttentionParams {
   int64_t q_segment_ids_batch_stride;
   int64_t kv_segment_ids_batch_stride;
 
-  // The operands below run in the "extras" kernel variants (launchers pick them when any is
-  // present; none of them is read by the plain kernels). nullptr / 0 when absent.
+  // Segment ids and the operands below run in the "extras" kernel variants (launchers pick them
+  // when any is present; none of them is read by the plain kernels). nullptr / 0 when absent.
   //   q_positions [batch, seqlen_q], kv_positions [batch, seqlen_k] (int32, given together):
   //   replace the index diagonal. Query i sees key j when -window_left <= kv_pos[j] - q_pos[i]
   //   <= window_right (0 when causal; -1 sides unbounded), and ALiBi measures |kv_pos - q_pos|.
@@ -95,8 +95,8 @@ constexpr uint8_t kMaskCellAll = 2;  // every entry of the cell (inside the sequ
 
 // Whether a call needs the extras kernel variants.
 inline bool uses_extras(const AttentionParams& p) {
-  return p.q_positions != nullptr || p.mask != nullptr || p.bias != nullptr ||
-         p.alibi_slopes != nullptr || p.dropout_seeds != nullptr;
+  return p.q_segment_ids != nullptr || p.q_positions != nullptr || p.mask != nullptr ||
+         p.bias != nullptr || p.alibi_slopes != nullptr || p.dropout_seeds != nullptr;
 }
 
 struct FwdParams : AttentionParams {

@@ -321,8 +321,9 @@ __device__ void fill_tile_states(const Extras& x, const KeyRangeMask& band, int 
                                           kWalkKeys ? walk_begin + kWalkBlock
                                                     : fixed_begin + fixed_block);
       if (x.q_ids != nullptr) {
-        any = any && SegmentMask::may_match(q_ids, kv_ids);
-        full = full && SegmentMask::all_match(q_ids, kv_ids);
+        // Exact for sorted (packed) ids; for any other order it only skips less.
+        any = any && q_ids.x <= kv_ids.y && kv_ids.x <= q_ids.y;
+        full = full && q_ids.x == q_ids.y && kv_ids.x == kv_ids.y && q_ids.x == kv_ids.x;
       }
       if (x.q_pos != nullptr) {
         any = any && kv_pos.y - q_pos.x >= -x.pos_left && kv_pos.x - q_pos.y <= x.pos_right;

@@ -1,6 +1,6 @@
-// Which keys a query row may see: causal limit (either alignment), sliding window, the sequence
-// ends (per batch row with q_lengths / kv_lengths) and segment ids. Shared by the forward and
-// backward kernels of every architecture.
+// Which keys a query row may see: causal limit (either alignment), sliding window and the sequence
+// ends (per batch row with q_lengths / kv_lengths); segment ids, positions and dense masks are in
+// extras.cuh. Shared by the forward and backward kernels of every architecture.
 //
 // Every combination of these masks leaves each query row a contiguous interval of keys, so the
 // mask is kept as the band  diagonal_offset - left <= key - query <= diagonal_offset + right
@@ -10,7 +10,6 @@
 
 #include <cuda_runtime.h>
 
-#include <climits>
 #include <cmath>
 
 #include <cute/tensor.hpp>
@@ -146,63 +145,6 @@ struct KeyRangeMask {
       int row = row_offset + static_cast<int>(cute::get<0>(coords(i)));
       int col = col_offset + static_cast<int>(cute::get<1>(coords(i)));
       if (!allowed(row, col)) scores(i) = -INFINITY;
-    }
-  }
-};
-
-// Segment ids of one batch row: query i sees key j only when q_ids[i] == kv_ids[j]. Tiles are
-// skipped or left unmasked from the min/max of each tile's ids, computed on the fly (no
-// per-tile metadata in memory); that is exact for sorted (packed) ids and stays correct for any
-// order, where it only skips less.
-struct SegmentMask {
-  const int* q_ids;   // [seqlen_q] of this batch row
-  const int* kv_ids;  // [seqlen_k] of this batch row
-
-  __device__ static SegmentMask make(const AttentionParams& p, int batch) {
-    return {p.q_segment_ids + batch * p.q_segment_ids_batch_stride,
-            p.kv_segment_ids + batch * p.kv_segment_ids_batch_stride};
-  }
-
-  // (min, max) of ids[begin, end), end > begin, computed by every warp on its own: the result is
-  // uniform across the CTA without shared memory or a barrier.
-  __device__ static int2 warp_range(const int* ids, int begin, int end) {
-    int lo = INT_MAX, hi = INT_MIN;
-    for (int i = begin + static_cast<int>(threadIdx.x % 32); i < end; i += 32) {
-      const int id = __ldg(ids + i);
-      lo = min(lo, id);
-      hi = max(hi, id);
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
-      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
-    }
-    return make_int2(lo, hi);
-  }
-  // Empty ranges (begin >= end) come back as (INT_MAX, INT_MIN): they overlap nothing.
-  __device__ int2 q_range(int begin, int end) const { return warp_range(q_ids, begin, end); }
-  __device__ int2 kv_range(int begin, int end) const { return warp_range(kv_ids, begin, end); }
-
-  // Whether some query of one tile may share an id with some key of another.
-  __device__ static bool may_match(int2 q, int2 kv) { return q.x <= kv.y && kv.x <= q.y; }
-  // Whether every query of the tile shares the id of every key: no per-element test needed.
-  __device__ static bool all_match(int2 q, int2 kv) {
-    return q.x == q.y && kv.x == kv.y && q.x == kv.x;
-  }
-
-  // Sets scores of mismatched (query, key) pairs to -inf; same conventions as
-  // KeyRangeMask::apply. Only rows < seqlen_q and keys < seqlen_k are read (the others are
-  // masked by the key range or never written).
-  template <typename ScoreTensor, typename CoordTensor>
-  __device__ void apply(ScoreTensor& scores, const CoordTensor& coords, int row_offset,
-                        int col_offset, int seqlen_q, int seqlen_k) const {
-#pragma unroll
-    for (int i = 0; i < cute::size(scores); ++i) {
-      int row = row_offset + static_cast<int>(cute::get<0>(coords(i)));
-      int col = col_offset + static_cast<int>(cute::get<1>(coords(i)));
-      if (row < seqlen_q && col < seqlen_k && __ldg(q_ids + row) != __ldg(kv_ids + col)) {
-        scores(i) = -INFINITY;
-      }
     }
   }
 };

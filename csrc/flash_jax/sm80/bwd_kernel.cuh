@@ -22,11 +22,7 @@
 // (never reading what the caller left there, which may be NaN), lse = -inf and D = 0, so they
 // contribute nothing and their gradients are zero.
 //
-// kSegmentIds (template flag, the plain path carries no id loads): tiles whose query and key id
-// ranges cannot match skip all products; the rest apply the per-element id test unless every id
-// of both tiles is one and the same.
-//
-// kExtras (positions, dense mask, bias, ALiBi, dropout; segment ids read through Extras): each
+// kExtras (segment ids, positions, dense mask, bias, ALiBi, dropout): each
 // CTA classifies the tiles it walks into shared memory first (fill_tile_states) and visits only
 // visible ones. Dropout: dS = P * (dP * keep / (1 - rate) - D) and dV accumulates the kept P
 // (scaled by 1 / (1 - rate) at the end). The dK/dV kernel also writes dbias = dL/dlogit, the
@@ -183,25 +179,19 @@ __device__ __forceinline__ void row_stats_from_smem(const float* smem_lse, const
 // once to dK and dQ at the end). With softcap the logit is softcap * t, t = tanh(q.k * scale /
 // softcap), and the extra factor is 1 - t^2; masked entries (t = -inf, P = 0) clamp it to 0 so
 // that 0 * inf never appears.
-// With kSegmentIds, ids_all_match says that the tile needs no per-element id test.
 // With kExtras, tile_partial says that the tile needs the per-element visibility test, and
 // dbias(row, col, dL/dlogit) receives every in-sequence entry's logit gradient.
-template <bool kSoftcap, bool kSegmentIds, bool kExtras, int kRows, typename AccS, typename AccDp,
-          typename Coords, typename DbiasSink>
+template <bool kSoftcap, bool kExtras, int kRows, typename AccS, typename AccDp, typename Coords,
+          typename DbiasSink>
 __device__ __forceinline__ void probs_and_dscores(
     AccS& acc_s, AccDp& acc_dp, const Coords& coords, const KeyRangeMask& mask,
-    const SegmentMask& segments, bool ids_all_match, const Extras& extras, bool tile_partial,
+    const Extras& extras, bool tile_partial,
     const Softcap& softcap, float scale_log2, const float (&lse_log2)[kRows],
     const float (&row_d)[kRows], int row_begin, int row_end, int col_begin, int col_block,
     float dropout_scale, const DbiasSink& dbias) {
   if constexpr (kSoftcap) softcap.apply(acc_s);
   if (!mask.tile_fully_allowed(row_begin, row_end, col_begin, col_begin + col_block)) {
     mask.apply(acc_s, coords, row_begin, col_begin);
-  }
-  if constexpr (kSegmentIds) {
-    if (!ids_all_match) {
-      segments.apply(acc_s, coords, row_begin, col_begin, mask.seqlen_q, mask.seqlen_k);
-    }
   }
   Tensor scores = accum_rowcol(acc_s);
   Tensor dscores = accum_rowcol(acc_dp);
@@ -290,10 +280,9 @@ __device__ __forceinline__ auto head_tiles(Element* base, int seqlen, int64_t ro
 }
 
 // ---------------------------------------------------------------------------------------------
-template <typename Traits, bool kSoftcap, bool kAccumulateDq, bool kSegmentIds, bool kExtras>
+template <typename Traits, bool kSoftcap, bool kAccumulateDq, bool kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dkdv_kernel(const __grid_constant__ BwdParams params) {
-  static_assert(!(kExtras && kSegmentIds), "extras variants read segment ids themselves");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -492,13 +481,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor coords_dq =
       thr_mma_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
 
-  SegmentMask segments{};
-  int2 kv_ids{};
   if (m_block_begin < m_block_end) {
-    if constexpr (kSegmentIds) {
-      segments = SegmentMask::make(params, batch);
-      kv_ids = segments.kv_range(key_begin, min(key_begin + kBlockN, mask.seqlen_k));
-    }
     load_tile_async(gmem_tiled_copy, gmem_thr_copy.partition_S(gK),
                     gmem_thr_copy.partition_D(sK), tKcK, mask.seqlen_k - key_begin,
                     params.head_dim);
@@ -524,13 +507,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       load_q_do(next, stage ^ 1);
       cp_async_fence();
     }
-    // Query blocks whose ids cannot match skip every product (the loads stay in the pipeline).
-    bool ids_all_match = true;
-    if constexpr (kSegmentIds) {
-      const int2 q_ids = segments.q_range(row_begin, min(row_begin + kBlockM, mask.seqlen_q));
-      if (!SegmentMask::may_match(q_ids, kv_ids)) continue;
-      ids_all_match = SegmentMask::all_match(q_ids, kv_ids);
-    }
 
     // dP before S: the probabilities and dS are then formed in one pass with nothing but the
     // two accumulators live (no saved softcap derivative, no lse/D registers across products).
@@ -548,8 +524,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     float row_d[kRows];
     row_stats_from_smem(smem_lse + stage * kBlockM, smem_d + stage * kBlockM, coords_s_rowcol,
                         lse_log2, row_d);
-    probs_and_dscores<kSoftcap, kSegmentIds, kExtras>(
-        acc_s, acc_dp, coords_s, mask, segments, ids_all_match, extras,
+    probs_and_dscores<kSoftcap, kExtras>(
+        acc_s, acc_dp, coords_s, mask, extras,
         kExtras && tile_states[m_block - states_begin] == kTilePartial, softcap, scale_log2,
         lse_log2, row_d, row_begin, min(row_begin + kBlockM, seqlen_q), key_begin, kBlockN,
         params.dropout_scale, dbias);
@@ -630,10 +606,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: one CTA per (query block, head, batch), key blocks visited in ascending order,
 // dQ accumulated in registers: no atomics, so the result is bitwise reproducible.
-template <typename Traits, bool kSoftcap, bool kSegmentIds, bool kExtras>
+template <typename Traits, bool kSoftcap, bool kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dq_kernel(const __grid_constant__ BwdParams params) {
-  static_assert(!(kExtras && kSegmentIds), "extras variants read segment ids themselves");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -775,13 +750,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Tensor acc_dq = partition_fragment_C(tiled_mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_dq);
 
-  SegmentMask segments{};
-  int2 q_ids{};
   if (n_block_begin < n_block_end) {
-    if constexpr (kSegmentIds) {
-      segments = SegmentMask::make(params, batch);
-      q_ids = segments.q_range(row_begin, row_end);
-    }
     load_tile_async(gmem_tiled_copy, gmem_thr_copy.partition_S(gQ), gmem_thr_copy.partition_D(sQ),
                     tQcQ, mask.seqlen_q - row_begin, params.head_dim);
     load_tile_async(gmem_tiled_copy, gmem_thr_copy.partition_S(gdO),
@@ -803,13 +772,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       load_k_v(next, stage ^ 1);
       cp_async_fence();
     }
-    // Key blocks whose ids cannot match skip every product (the loads stay in the pipeline).
-    bool ids_all_match = true;
-    if constexpr (kSegmentIds) {
-      const int2 kv_ids = segments.kv_range(key_begin, min(key_begin + kBlockN, mask.seqlen_k));
-      if (!SegmentMask::may_match(q_ids, kv_ids)) continue;
-      ids_all_match = SegmentMask::all_match(q_ids, kv_ids);
-    }
 
     Tensor acc_dp = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
@@ -821,8 +783,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, tSsQ, smem_thr_copy_b_sdp.partition_S(sK(stage)),
               smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
               smem_thr_copy_b_sdp);
-    probs_and_dscores<kSoftcap, kSegmentIds, kExtras>(
-        acc_s, acc_dp, coords_s, mask, segments, ids_all_match, extras,
+    probs_and_dscores<kSoftcap, kExtras>(
+        acc_s, acc_dp, coords_s, mask, extras,
         kExtras && tile_states[n_block - states_begin] == kTilePartial, softcap, scale_log2,
         lse_log2, row_d, row_begin, row_end, key_begin, kBlockN, params.dropout_scale, NoDbias{});
     Tensor ds_elem = make_tensor<Element>(acc_dp.layout());

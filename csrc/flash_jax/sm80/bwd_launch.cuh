@@ -52,6 +52,9 @@ inline std::string check_params(const BwdParams& p, int bucket) {
   if ((p.q_segment_ids == nullptr) != (p.kv_segment_ids == nullptr)) {
     return "q_segment_ids and kv_segment_ids must be given together";
   }
+  if ((p.q_positions == nullptr) != (p.kv_positions == nullptr)) {
+    return "q_positions and kv_positions must be given together";
+  }
   if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) {
     return "heads (" + std::to_string(p.heads) + ") must be a multiple of kv_heads (" +
            std::to_string(p.kv_heads) + ")";
@@ -129,7 +132,7 @@ inline int tile_state_bytes(int blocks) { return (blocks + 15) / 16 * 16; }
 
 // dK/dV (with atomic dQ) or, when deterministic, dK/dV then the dQ kernel, for one combination
 // of the template flags.
-template <typename Traits, bool kSoftcap, bool kSegmentIds, bool kExtras = false>
+template <typename Traits, bool kSoftcap, bool kExtras = false>
 std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t stream) {
   const unsigned heads = params.heads;
   const unsigned batch = params.batch;
@@ -139,15 +142,15 @@ std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t st
   const int dq_smem = Traits::kSmemBytesDq + (kExtras ? tile_state_bytes(key_blocks) : 0);
   const dim3 key_grid(key_blocks, heads, batch);
   if (!params.deterministic) {
-    return launch(dkdv_kernel<Traits, kSoftcap, true, kSegmentIds, kExtras>, "backward dK/dV/dQ",
+    return launch(dkdv_kernel<Traits, kSoftcap, true, kExtras>, "backward dK/dV/dQ",
                   key_grid, dkdv_smem, smem_limit, stream, params);
   }
   std::string error =
-      launch(dkdv_kernel<Traits, kSoftcap, false, kSegmentIds, kExtras>, "backward dK/dV",
+      launch(dkdv_kernel<Traits, kSoftcap, false, kExtras>, "backward dK/dV",
              key_grid, dkdv_smem, smem_limit, stream, params);
   if (!error.empty()) return error;
   const dim3 query_grid(query_blocks, heads, batch);
-  return launch(dq_kernel<Traits, kSoftcap, kSegmentIds, kExtras>, "backward deterministic dQ",
+  return launch(dq_kernel<Traits, kSoftcap, kExtras>, "backward deterministic dQ",
                 query_grid, dq_smem, smem_limit, stream, params);
 }
 
@@ -175,7 +178,6 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
       /*zero_dq_accum=*/!params.deterministic);
   if (!error.empty()) return "flash_jax " + error;
 
-  const bool segment_ids = params.q_segment_ids != nullptr;
   if (uses_extras(params)) {
     if (params.dbias != nullptr) {
       const size_t bytes = sizeof(float) * size_t(params.bias_batch) * params.bias_heads *
@@ -187,11 +189,9 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
     }
     error = launch_bwd_extras_main<Element, kHeadDim>(params, smem_limit, stream);
   } else if (softcap) {
-    error = segment_ids ? bwd::launch_main<Traits, true, true>(params, smem_limit, stream)
-                        : bwd::launch_main<Traits, true, false>(params, smem_limit, stream);
+    error = bwd::launch_main<Traits, true>(params, smem_limit, stream);
   } else {
-    error = segment_ids ? bwd::launch_main<Traits, false, true>(params, smem_limit, stream)
-                        : bwd::launch_main<Traits, false, false>(params, smem_limit, stream);
+    error = bwd::launch_main<Traits, false>(params, smem_limit, stream);
   }
   if (!error.empty()) return "flash_jax " + error;
   if (params.deterministic) return "";

@@ -1,4 +1,5 @@
-// Host launcher of the sm80 forward extras variants (positions, dense mask, bias, ALiBi, dropout);
+// Host launcher of the sm80 forward extras variants (segment ids, positions, dense mask, bias,
+// ALiBi, dropout);
 // see launch.h. Included only by the extras instantiation files.
 #pragma once
 
@@ -12,12 +13,13 @@ template <typename Element, int kHeadDim>
 std::string launch_fwd_extras(const FwdParams& params, cudaStream_t stream) {
   using Traits = typename sm80::FwdConfig<Element, kHeadDim>::Main;
   if (params.num_splits != 1) {
-    return "flash_jax forward: positions, mask, bias, ALiBi and dropout run without split-KV "
+    return "flash_jax forward: segment ids, positions, mask, bias, ALiBi and dropout run without "
+           "split-KV "
            "(num_splits must be 1), got num_splits=" + std::to_string(params.num_splits);
   }
   return params.softcap > 0.f
-             ? sm80::launch_fwd_kernel_variant<Traits, false, true, false, true>(params, stream)
-             : sm80::launch_fwd_kernel_variant<Traits, false, false, false, true>(params, stream);
+             ? sm80::launch_fwd_kernel_variant<Traits, false, true, true>(params, stream)
+             : sm80::launch_fwd_kernel_variant<Traits, false, false, true>(params, stream);
 }
 
 }  // namespace flash_jax

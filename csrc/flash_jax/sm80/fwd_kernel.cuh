@@ -156,14 +156,12 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 // normalised partial output and lse to out_accum / lse_accum for fwd_combine_kernel.
 // kSoftcap: params.softcap > 0 (a template flag for the same reason as kMasked below: the tanh
 // doubles the MUFU work per score and must not be issued predicated-off).
-// kSegmentIds: params.q_segment_ids / kv_segment_ids are given (a template flag so that the
-// plain path carries neither the id loads nor the per-block range checks). q_lengths /
-// kv_lengths need no flag: they only narrow the mask's extents, read once per CTA.
-// kExtras: positions, dense mask, bias, ALiBi and dropout (params.h), each a uniform run-time
-// branch; segment ids are then read through Extras too (kSegmentIds false). The CTA first
-// classifies its key blocks into shared memory (after the tiles, ceil(key blocks / 16) * 16
-// bytes), then walks only the visible ones. Not combined with kSplit.
-template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds, bool kExtras>
+// q_lengths / kv_lengths need no flag: they only narrow the mask's extents, read once per CTA.
+// kExtras: segment ids, positions, dense mask, bias, ALiBi and dropout (params.h), each a uniform
+// run-time branch. The CTA first classifies its key blocks into shared memory (after the tiles,
+// ceil(key blocks / 16) * 16 bytes), then walks only the visible ones: no dependent global load
+// per block. Not combined with kSplit.
+template <typename Traits, bool kSplit, bool kSoftcap, bool kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_constant__ FwdParams params) {
   using namespace cute;
   using Element = typename Traits::Element;
@@ -192,21 +190,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     n_block_begin = max(n_block_begin, split * blocks_per_split);
     n_block_end = min(n_block_end, (split + 1) * blocks_per_split);
   }
-  // Segment ids: key blocks whose id range misses the query tile's are skipped; the walk from
-  // the last block down starts at the first one that may match.
-  SegmentMask segments{};
-  int2 q_ids{};
-  auto kv_ids = [&](int n) {
-    return segments.kv_range(n * kBlockN, min((n + 1) * kBlockN, mask.seqlen_k));
-  };
-  if constexpr (kSegmentIds) {
-    segments = SegmentMask::make(params, batch);
-    q_ids = segments.q_range(row_begin, row_end);
-    while (n_block_end > n_block_begin && !SegmentMask::may_match(q_ids, kv_ids(n_block_end - 1))) {
-      --n_block_end;
-    }
-  }
-  static_assert(!(kExtras && (kSplit || kSegmentIds)), "extras variants read segment ids themselves");
+  static_assert(!(kExtras && kSplit), "extras variants run without split-KV");
   const SoftmaxScales scales = SoftmaxScales::make(params.softmax_scale, params.softcap);
   Extras extras{};
   uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes;
@@ -322,9 +306,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       if constexpr (kSoftcap) softcap.apply(acc_s);
       if constexpr (kMasked) {
         mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
-        if constexpr (kSegmentIds) {
-          segments.apply(acc_s, s_coords, row_begin, n * kBlockN, mask.seqlen_q, seqlen_k);
-        }
         if constexpr (kExtras) {
           if (extras.has_visibility()) extras.apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
         }
@@ -372,20 +353,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       for (int n = n_block_end - 1; n >= n_block_begin;) {
         const int next = visible_block_at_or_below(tile_states, states_begin, n - 1);
         if (tile_states[n - states_begin] == kTileFull) {
-          key_block(n, next, cute::false_type{});
-        } else {
-          key_block(n, next, cute::true_type{});
-        }
-        n = next;
-      }
-    } else if constexpr (kSegmentIds) {
-      // Only the blocks that may match; one is unmasked when it lies inside the band and all its
-      // ids equal the query tile's single id.
-      for (int n = n_block_end - 1; n >= n_block_begin;) {
-        const int2 ids = kv_ids(n);
-        int next = n - 1;
-        while (next >= n_block_begin && !SegmentMask::may_match(q_ids, kv_ids(next))) --next;
-        if (n >= n_unmasked_begin && n < n_unmasked_end && SegmentMask::all_match(q_ids, ids)) {
           key_block(n, next, cute::false_type{});
         } else {
           key_block(n, next, cute::true_type{});

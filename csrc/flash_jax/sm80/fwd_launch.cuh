@@ -103,11 +103,11 @@ cudaError_t raise_smem_limit(Kernel kernel, int bytes, std::atomic<bool>* done_p
   return error;
 }
 
-template <typename Traits, bool kSplit, bool kSoftcap, bool kSegmentIds, bool kExtras = false>
+template <typename Traits, bool kSplit, bool kSoftcap, bool kExtras = false>
 std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
-  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kSegmentIds, kExtras>;
+  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kExtras>;
   int smem_bytes = Traits::kSmemBytes;
   int smem_attribute = smem_bytes;
   if constexpr (kExtras) {
@@ -134,17 +134,10 @@ std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stre
   return "";
 }
 
-template <typename Traits, bool kSplit, bool kSoftcap>
-std::string launch_fwd_kernel_segments(const FwdParams& params, cudaStream_t stream) {
-  return params.q_segment_ids != nullptr
-             ? launch_fwd_kernel_variant<Traits, kSplit, kSoftcap, true>(params, stream)
-             : launch_fwd_kernel_variant<Traits, kSplit, kSoftcap, false>(params, stream);
-}
-
 template <typename Traits, bool kSplit>
 std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
-  return params.softcap > 0.f ? launch_fwd_kernel_segments<Traits, kSplit, true>(params, stream)
-                              : launch_fwd_kernel_segments<Traits, kSplit, false>(params, stream);
+  return params.softcap > 0.f ? launch_fwd_kernel_variant<Traits, kSplit, true>(params, stream)
+                              : launch_fwd_kernel_variant<Traits, kSplit, false>(params, stream);
 }
 
 template <typename Element, int kHeadDim>
@@ -203,6 +196,9 @@ inline std::string check_fwd_params(const FwdParams& p, int head_dim_bucket) {
   }
   if ((p.q_segment_ids == nullptr) != (p.kv_segment_ids == nullptr)) {
     return fail("q_segment_ids and kv_segment_ids must be given together");
+  }
+  if ((p.q_positions == nullptr) != (p.kv_positions == nullptr)) {
+    return fail("q_positions and kv_positions must be given together");
   }
   if (p.heads > 65535 || static_cast<int64_t>(p.batch) * p.num_splits > 65535) {
     return fail("grid too large: heads <= 65535 and batch * num_splits <= 65535 required");
