@@ -247,6 +247,19 @@ struct ChunkSummary {
   }
 };
 
+// Nearest block at or below / at or above `block` whose state is not kTileSkip; returns
+// `limit - 1` / `limit` when none.
+__device__ __forceinline__ int visible_block_at_or_below(const uint8_t* states, int block_begin,
+                                                         int block) {
+  while (block >= block_begin && states[block - block_begin] == kTileSkip) --block;
+  return block;
+}
+__device__ __forceinline__ int visible_block_at_or_above(const uint8_t* states, int block_begin,
+                                                         int block_end, int block) {
+  while (block < block_end && states[block - block_begin] == kTileSkip) ++block;
+  return block;
+}
+
 // States (kTileSkip / kTilePartial / kTileFull) of the tiles of one CTA, written to shared memory
 // before its main loop so that the loop skips empty tiles without waiting on global loads and
 // tests no element of full ones. The CTA's own block (rows when kWalkKeys, else keys)
@@ -335,17 +348,21 @@ __device__ void fill_tile_states(const Extras& x, const KeyRangeMask& band, int 
   __syncthreads();
 }
 
-// Nearest block at or below / at or above `block` whose state is not kTileSkip; returns
-// `limit - 1` / `limit` when none.
-__device__ __forceinline__ int visible_block_at_or_below(const uint8_t* states, int block_begin,
-                                                         int block) {
-  while (block >= block_begin && states[block - block_begin] == kTileSkip) --block;
-  return block;
-}
-__device__ __forceinline__ int visible_block_at_or_above(const uint8_t* states, int block_begin,
-                                                         int block_end, int block) {
-  while (block < block_end && states[block - block_begin] == kTileSkip) ++block;
-  return block;
+// fill_tile_states, then [block_begin, block_end) narrowed to the first and last visible block
+// (empty when none; the states stay indexed from the original block_begin). Does nothing, and no
+// barrier, for an empty range (a CTA-uniform condition).
+template <int kThreads, int kWalkBlock, bool kWalkKeys>
+__device__ __forceinline__ void classify_tiles(const Extras& x, const KeyRangeMask& band,
+                                               int fixed_begin, int fixed_end, int fixed_block,
+                                               int& block_begin, int& block_end,
+                                               uint8_t* states) {
+  if (block_end <= block_begin) return;
+  const int states_begin = block_begin;
+  fill_tile_states<kThreads, kWalkBlock, kWalkKeys>(x, band, fixed_begin, fixed_end, fixed_block,
+                                                    block_begin, block_end, states);
+  const int last = visible_block_at_or_below(states, states_begin, block_end - 1);
+  block_begin = visible_block_at_or_above(states, states_begin, block_end, block_begin);
+  block_end = last < block_begin ? block_begin : last + 1;
 }
 
 }  // namespace flash_jax

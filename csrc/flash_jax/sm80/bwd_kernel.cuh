@@ -23,7 +23,7 @@
 // contribute nothing and their gradients are zero.
 //
 // kExtras (segment ids, positions, dense mask, bias, ALiBi, dropout): each
-// CTA classifies the tiles it walks into shared memory first (fill_tile_states) and visits only
+// CTA classifies the tiles it walks into shared memory first (classify_tiles) and visits only
 // visible ones. Dropout: dS = P * (dP * keep / (1 - rate) - D) and dV accumulates the kept P
 // (scaled by 1 / (1 - rate) at the end). The dK/dV kernel also writes dbias = dL/dlogit, the
 // dS before the softcap factor.
@@ -355,14 +355,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if constexpr (kExtras) {
     extras = Extras::make(params, batch, head,
                           SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
-    if (m_block_end > m_block_begin) {
-      fill_tile_states<Traits::kNThreads, kBlockM, false>(
-          extras, mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
-          m_block_end, tile_states);
-      const int last = visible_block_at_or_below(tile_states, states_begin, m_block_end - 1);
-      m_block_begin = visible_block_at_or_above(tile_states, states_begin, m_block_end, m_block_begin);
-      m_block_end = last < m_block_begin ? m_block_begin : last + 1;
-    }
+    classify_tiles<Traits::kNThreads, kBlockM, false>(
+        extras, mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
+        m_block_end, tile_states);
   }
   const DbiasWriter dbias = kExtras ? DbiasWriter::make(params, batch, head) : DbiasWriter{};
 
@@ -670,13 +665,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if constexpr (kExtras) {
     extras = Extras::make(params, batch, head,
                           SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
-    if (n_block_end > n_block_begin) {
-      fill_tile_states<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
-                                                         n_block_begin, n_block_end, tile_states);
-      const int last = visible_block_at_or_below(tile_states, states_begin, n_block_end - 1);
-      n_block_begin = visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block_begin);
-      n_block_end = last < n_block_begin ? n_block_begin : last + 1;
-    }
+    classify_tiles<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
+                                                     n_block_begin, n_block_end, tile_states);
   }
 
   using SmemLayoutKV = typename Traits::SmemLayoutKV;

@@ -197,13 +197,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   const int states_begin = n_block_begin;
   if constexpr (kExtras) {
     extras = Extras::make(params, batch, head, scales.scale);
-    if (n_block_end > n_block_begin) {
-      fill_tile_states<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
-                                                         n_block_begin, n_block_end, tile_states);
-      const int last = visible_block_at_or_below(tile_states, states_begin, n_block_end - 1);
-      n_block_begin = visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block_begin);
-      n_block_end = last < n_block_begin ? n_block_begin : last + 1;
-    }
+    classify_tiles<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
+                                                     n_block_begin, n_block_end, tile_states);
   }
 
   typename Traits::TiledMma tiled_mma;
