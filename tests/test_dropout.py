@@ -58,11 +58,11 @@ def test_same_key_same_output_different_key_different_output():
 _M32 = 0xFFFFFFFF
 
 
-def _scalar_philox(counter, key):
-  """Philox-4x32-10 on Python ints, written from the Random123 definition."""
+def _scalar_philox(counter, key, rounds=7):
+  """Philox-4x32-`rounds` on Python ints, written from the Random123 definition."""
   c0, c1, c2, c3 = counter
   k0, k1 = key
-  for round_index in range(10):
+  for round_index in range(rounds):
     if round_index:
       k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
     p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
@@ -77,19 +77,23 @@ def _scalar_value(seed, head, row, col):
   return (word >> (16 * ((row >> 3) & 1))) & 0xFFFF
 
 
-# Random123's known-answer vectors (kat_vectors: philox4x32 10).
+# Random123's known-answer vectors (kat_vectors: philox4x32 7 and 10); the spec uses 7 rounds.
+_PI_COUNTER, _PI_KEY = (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)
 _PHILOX_KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((_M32,) * 4, (_M32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (7, (0, 0, 0, 0), (0, 0), (0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48)),
+    (7, (_M32,) * 4, (_M32,) * 2, (0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662)),
+    (7, _PI_COUNTER, _PI_KEY, (0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A)),
+    (10, (0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (10, (_M32,) * 4, (_M32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (10, _PI_COUNTER, _PI_KEY, (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
 
 
-@pytest.mark.parametrize("counter,key,expected", _PHILOX_KAT)
-def test_philox_known_answers(counter, key, expected):
-  assert _scalar_philox(counter, key) == expected
-  words = _dropout.philox4x32([jnp.uint32(c) for c in counter], [jnp.uint32(k) for k in key])
+@pytest.mark.parametrize("rounds,counter,key,expected", _PHILOX_KAT)
+def test_philox_known_answers(rounds, counter, key, expected):
+  assert _scalar_philox(counter, key, rounds) == expected
+  words = _dropout.philox4x32([jnp.uint32(c) for c in counter], [jnp.uint32(k) for k in key],
+                              rounds)
   assert tuple(int(w) for w in words) == expected
 
 

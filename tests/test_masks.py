@@ -53,6 +53,10 @@ def _options(name, batch, seq_q, seq_k):
       "mask_qk": dict(mask=_keep(4, (seq_q, seq_k))),
       "mask_b11k": dict(mask=_keep(5, (batch, 1, 1, seq_k))),
       "softcap": dict(softcap=1.5),
+      # Visibility with softcap runs the kernels' kAll variant with its run-time softcap.
+      "segment_ids_softcap": dict(softcap=1.5,
+                                  q_segment_ids=_segment_ids(batch, seq_q, (0.0, 0.4)),
+                                  kv_segment_ids=_segment_ids(batch, seq_k, (0.0, 0.4))),
       "alibi_h": dict(alibi_slopes=jnp.linspace(0.1, 0.8, h)),
       "alibi_bh": dict(alibi_slopes=jnp.abs(_random(6, (batch, h)))),
       "causal": dict(causal=True),
@@ -98,7 +102,7 @@ def _check(device, dtype, seqs, kwargs, bias=None, fn=flash_jax.attention, ref_k
 DEVICES = [("cpu", "float32"), gpu_param("gpu", "bfloat16")]
 OPTION_NAMES = ["window", "window_causal", "window_left_unbounded", "window_diagonal", "lengths",
                 "segment_ids", "mask_full", "mask_1hqk", "mask_b1qk", "mask_qk", "mask_b11k",
-                "softcap", "alibi_h", "alibi_bh", "causal", "scale", "combination"]
+                "softcap", "segment_ids_softcap", "alibi_h", "alibi_bh", "causal", "scale", "combination"]
 CASES = sample_grid({"option": OPTION_NAMES, "seqs": [SEQS, SEQS[::-1]],
                      "dtype": ["float32", "bfloat16"]}, count=len(OPTION_NAMES))
 

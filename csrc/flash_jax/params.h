@@ -93,10 +93,23 @@ constexpr int kMaskCell = 16;
 constexpr uint8_t kMaskCellAny = 1;  // some entry of the cell is kept
 constexpr uint8_t kMaskCellAll = 2;  // every entry of the cell (inside the sequences) is kept
 
-// Whether a call needs the extras kernel variants.
-inline bool uses_extras(const AttentionParams& p) {
-  return p.q_segment_ids != nullptr || p.q_positions != nullptr || p.mask != nullptr ||
-         p.bias != nullptr || p.alibi_slopes != nullptr || p.dropout_seeds != nullptr;
+// Which extras kernel variant a call needs. Two variants instead of one so that the common
+// masking cases (segment ids, varlen positions, dense masks) do not carry the registers of the
+// score modifiers: with them the backward dK/dV kernel spilled 330-400 bytes at head_dim 128 and
+// one-document segment ids cost +56% fwd+bwd over none (benchmarks/NOTES.md, session 2).
+//   kVisibility: segment ids, positions, dense mask (tile states, per-element visibility).
+//   kAll:        also bias (+ dbias), ALiBi and dropout; softcap is a run-time branch there,
+//                so that each extras translation unit instantiates two variants, not four.
+enum class ExtrasLevel : int { kNone = 0, kVisibility = 1, kAll = 2 };
+
+inline ExtrasLevel extras_level(const AttentionParams& p) {
+  if (p.bias != nullptr || p.alibi_slopes != nullptr || p.dropout_seeds != nullptr) {
+    return ExtrasLevel::kAll;
+  }
+  if (p.q_segment_ids != nullptr || p.q_positions != nullptr || p.mask != nullptr) {
+    return p.softcap > 0.f ? ExtrasLevel::kAll : ExtrasLevel::kVisibility;
+  }
+  return ExtrasLevel::kNone;
 }
 
 struct FwdParams : AttentionParams {

@@ -21,12 +21,15 @@
 
 namespace flash_jax {
 
-// Philox-4x32-10 (Salmon et al., SC'11), as flash_jax/_dropout.py evaluates it.
-__device__ __forceinline__ uint4 philox4x32_10(uint4 counter, uint2 key) {
+// Philox-4x32-7 (Salmon et al., SC'11), as flash_jax/_dropout.py evaluates it: seven rounds
+// pass BigCrush, and the generator's integer multiplies are what the dropout variants spend
+// their time on (benchmarks/NOTES.md).
+constexpr int kPhiloxRounds = 7;
+__device__ __forceinline__ uint4 philox4x32(uint4 counter, uint2 key) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 #pragma unroll
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint32_t hi0 = __umulhi(kM0, counter.x), lo0 = kM0 * counter.x;
     const uint32_t hi1 = __umulhi(kM1, counter.z), lo1 = kM1 * counter.z;
     counter = make_uint4(hi1 ^ counter.y ^ key.x, lo1, hi0 ^ counter.w ^ key.y, lo0);
@@ -186,7 +189,7 @@ struct Extras {
       for (int n = 0; n < kCols / (2 * kPairsPerCall); ++n) {
         const int first_col = col_offset + static_cast<int>(cute::get<1>(coords(0, 2 * kPairsPerCall * n)));
         const uint32_t col_counter = uint32_t(first_col >> 4) * 4 + uint32_t((first_col >> 1) & 3);
-        const uint4 draw = philox4x32_10(make_uint4(col_counter, row_counter, head, 0), seed);
+        const uint4 draw = philox4x32(make_uint4(col_counter, row_counter, head, 0), seed);
 #pragma unroll
         for (int j = 0; j < 2 * kPairsPerCall; ++j) {
           const int c = 2 * kPairsPerCall * n + j;

@@ -1,5 +1,6 @@
 // Host launcher of the sm80 backward extras variants' main kernels (segment ids, positions, dense
-// mask, bias, ALiBi, dropout); see launch.h. Included only by the extras instantiation files.
+// mask, bias, ALiBi, dropout; the two levels of params.h); see launch.h. Included only by the
+// extras instantiation files.
 #pragma once
 
 #include <string>
@@ -11,9 +12,14 @@ namespace flash_jax {
 template <typename Element, int kHeadDim>
 std::string launch_bwd_extras_main(const BwdParams& params, int smem_limit, cudaStream_t stream) {
   using Traits = typename bwd::BwdConfig<Element, kHeadDim>::Traits;
-  return params.softcap > 0.f
-             ? bwd::launch_main<Traits, true, true>(params, smem_limit, stream)
-             : bwd::launch_main<Traits, false, true>(params, smem_limit, stream);
+  switch (extras_level(params)) {
+    case ExtrasLevel::kVisibility:
+      return bwd::launch_main<Traits, false, ExtrasLevel::kVisibility>(params, smem_limit, stream);
+    case ExtrasLevel::kAll:
+      return bwd::launch_main<Traits, false, ExtrasLevel::kAll>(params, smem_limit, stream);
+    default:
+      return "backward: the extras launcher was called without extras";
+  }
 }
 
 }  // namespace flash_jax

@@ -22,9 +22,9 @@
 // (never reading what the caller left there, which may be NaN), lse = -inf and D = 0, so they
 // contribute nothing and their gradients are zero.
 //
-// kExtras (segment ids, positions, dense mask, bias, ALiBi, dropout): each
-// CTA classifies the tiles it walks into shared memory first (classify_tiles) and visits only
-// visible ones. Dropout: dS = P * (dP * keep / (1 - rate) - D) and dV accumulates the kept P
+// kExtras (params.h): kVisibility for segment ids, positions and a dense mask; kAll adds bias,
+// ALiBi, dropout and a run-time softcap. Each CTA classifies the tiles it walks into shared
+// memory first (classify_tiles) and visits only visible ones. Dropout: dS = P * (dP * keep / (1 - rate) - D) and dV accumulates the kept P
 // (scaled by 1 / (1 - rate) at the end). The dK/dV kernel also writes dbias = dL/dlogit, the
 // dS before the softcap factor.
 #pragma once
@@ -179,17 +179,19 @@ __device__ __forceinline__ void row_stats_from_smem(const float* smem_lse, const
 // once to dK and dQ at the end). With softcap the logit is softcap * t, t = tanh(q.k * scale /
 // softcap), and the extra factor is 1 - t^2; masked entries (t = -inf, P = 0) clamp it to 0 so
 // that 0 * inf never appears.
-// With kExtras, tile_partial says that the tile needs the per-element visibility test, and
-// dbias(row, col, dL/dlogit) receives every in-sequence entry's logit gradient.
-template <bool kSoftcap, bool kExtras, int kRows, typename AccS, typename AccDp, typename Coords,
+// With extras, tile_partial says that the tile needs the per-element visibility test; at kAll
+// dbias(row, col, dL/dlogit) receives every in-sequence entry's logit gradient. softcap_on is
+// kSoftcap, or the run-time flag of the kAll variant.
+template <ExtrasLevel kExtras, int kRows, typename AccS, typename AccDp, typename Coords,
           typename DbiasSink>
 __device__ __forceinline__ void probs_and_dscores(
     AccS& acc_s, AccDp& acc_dp, const Coords& coords, const KeyRangeMask& mask,
-    const Extras& extras, bool tile_partial,
+    const Extras& extras, bool tile_partial, bool softcap_on,
     const Softcap& softcap, float scale_log2, const float (&lse_log2)[kRows],
     const float (&row_d)[kRows], int row_begin, int row_end, int col_begin, int col_block,
     float dropout_scale, const DbiasSink& dbias) {
-  if constexpr (kSoftcap) softcap.apply(acc_s);
+  constexpr bool kScoreExtras = kExtras == ExtrasLevel::kAll;
+  if (softcap_on) softcap.apply(acc_s);
   if (!mask.tile_fully_allowed(row_begin, row_end, col_begin, col_begin + col_block)) {
     mask.apply(acc_s, coords, row_begin, col_begin);
   }
@@ -199,15 +201,17 @@ __device__ __forceinline__ void probs_and_dscores(
   constexpr int kEntries = decltype(size(acc_s))::value;
   uint32_t keep[(kEntries + 31) / 32];
   bool dropout = false, offsets = false;
-  if constexpr (kExtras) {
+  if constexpr (kExtras != ExtrasLevel::kNone) {
     if (tile_partial && extras.has_visibility()) {
       extras.apply_visibility(acc_s, coords, row_begin, col_begin);
     }
+  }
+  if constexpr (kScoreExtras) {
     offsets = extras.has_offsets();
     dropout = extras.dropout;
-    // The n8 atoms of one thread lie in different 16-column spans here (warps side by side
-    // along the keys): one Philox call per atom.
-    if (dropout) extras.keep_bits<1>(coords_rowcol, row_begin, col_begin, keep);
+    // Successive n8 atoms of a thread lie 8 keys apart in one 16-key span (the kAll variant's
+    // TiledMmaSdPPairedKeys): one Philox call per pair.
+    if (dropout) extras.keep_bits<2>(coords_rowcol, row_begin, col_begin, keep);
   }
 #pragma unroll
   for (int r = 0; r < size<0>(scores); ++r) {
@@ -218,10 +222,10 @@ __device__ __forceinline__ void probs_and_dscores(
       const int col = col_begin + static_cast<int>(get<1>(coords_rowcol(r, c)));
       const bool inside = row < extras.seqlen_q && col < extras.seqlen_k;
       float logit_score = score;
-      if (kExtras && offsets && inside) logit_score += extras.offset(row, col);
+      if (kScoreExtras && offsets && inside) logit_score += extras.offset(row, col);
       float p = fast_exp2(logit_score * scale_log2 - lse_log2[r]);
       float dp = dscores(r, c);
-      if (kExtras && dropout) {
+      if (kScoreExtras && dropout) {
         const bool kept = bit_set(keep, r * size<1>(scores) + c);
         dp = kept ? dp * dropout_scale : 0.f;
         scores(r, c) = kept ? p : 0.f;
@@ -229,14 +233,20 @@ __device__ __forceinline__ void probs_and_dscores(
         scores(r, c) = p;
       }
       float ds = p * (dp - row_d[r]);
-      if constexpr (kExtras) {
+      if constexpr (kScoreExtras) {
         if (inside) dbias(row, col, ds);
       }
-      if constexpr (kSoftcap) ds *= fmaxf(1.f - score * score, 0.f);
+      if (softcap_on) ds *= fmaxf(1.f - score * score, 0.f);
       dscores(r, c) = ds;
     }
   }
 }
+
+// The S/dP product's warp layout: keys paired per warp where the variant may draw dropout.
+template <typename Traits, ExtrasLevel kExtras>
+using SdpMma = std::conditional_t<kExtras == ExtrasLevel::kAll,
+                                  typename Traits::TiledMmaSdPPairedKeys,
+                                  typename Traits::TiledMmaSdP>;
 
 // dbias sinks: none (plain kernels, deterministic dQ kernel) or the dK/dV kernel's writer.
 struct NoDbias {
@@ -280,7 +290,7 @@ __device__ __forceinline__ auto head_tiles(Element* base, int seqlen, int64_t ro
 }
 
 // ---------------------------------------------------------------------------------------------
-template <typename Traits, bool kSoftcap, bool kAccumulateDq, bool kExtras>
+template <typename Traits, bool kSoftcap, bool kAccumulateDq, ExtrasLevel kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dkdv_kernel(const __grid_constant__ BwdParams params) {
   using Element = typename Traits::Element;
@@ -298,6 +308,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_k = params.seqlen_k;
 
   const KeyRangeMask mask = KeyRangeMask::make(params, batch);
+  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
+  static_assert(!(kExtras == ExtrasLevel::kAll && kSoftcap), "kAll takes softcap at run time");
+  const bool softcap_on = kSoftcap || (kExtras == ExtrasLevel::kAll && params.softcap > 0.f);
   const Softcap softcap = Softcap::make(params.softmax_scale, params.softcap);
   const float scale_log2 = SoftmaxScales::make(params.softmax_scale, params.softcap).scale_log2;
 
@@ -352,14 +365,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   Extras extras{};
   const int states_begin = m_block_begin;
-  if constexpr (kExtras) {
+  if constexpr (kAnyExtras) {
     extras = Extras::make(params, batch, head,
                           SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
     classify_tiles<Traits::kNThreads, kBlockM, false>(
         extras, mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
         m_block_end, tile_states);
   }
-  const DbiasWriter dbias = kExtras ? DbiasWriter::make(params, batch, head) : DbiasWriter{};
+  const DbiasWriter dbias =
+      kExtras == ExtrasLevel::kAll ? DbiasWriter::make(params, batch, head) : DbiasWriter{};
 
   using SmemLayoutQ = typename Traits::SmemLayoutQ;
   using SmemLayoutQt = typename Traits::SmemLayoutQt;
@@ -410,7 +424,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   };
 
   // Products and their shared -> register copies.
-  typename Traits::TiledMmaSdP tiled_mma_sdp;
+  SdpMma<Traits, kExtras> tiled_mma_sdp;
   auto thr_mma_sdp = tiled_mma_sdp.get_thread_slice(tid);
   typename Traits::TiledMmaDkDv tiled_mma_dkdv;
   auto thr_mma_dkdv = tiled_mma_dkdv.get_thread_slice(tid);
@@ -491,7 +505,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int m_block = m_block_begin, next = 0; m_block < m_block_end; m_block = next, ++iteration) {
     const int stage = iteration & 1;
     const int row_begin = m_block * kBlockM;
-    next = kExtras ? visible_block_at_or_above(tile_states, states_begin, m_block_end, m_block + 1)
+    next = kAnyExtras ? visible_block_at_or_above(tile_states, states_begin, m_block_end, m_block + 1)
                    : m_block + 1;
 
     // The current stage has landed, and every thread is done with the previous iteration's
@@ -519,11 +533,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     float row_d[kRows];
     row_stats_from_smem(smem_lse + stage * kBlockM, smem_d + stage * kBlockM, coords_s_rowcol,
                         lse_log2, row_d);
-    probs_and_dscores<kSoftcap, kExtras>(
+    probs_and_dscores<kExtras>(
         acc_s, acc_dp, coords_s, mask, extras,
-        kExtras && tile_states[m_block - states_begin] == kTilePartial, softcap, scale_log2,
-        lse_log2, row_d, row_begin, min(row_begin + kBlockM, seqlen_q), key_begin, kBlockN,
-        params.dropout_scale, dbias);
+        kAnyExtras && tile_states[m_block - states_begin] == kTilePartial, softcap_on, softcap,
+        scale_log2, lse_log2, row_d, row_begin, min(row_begin + kBlockM, seqlen_q), key_begin,
+        kBlockN, params.dropout_scale, dbias);
 
     Tensor p_elem = make_tensor<Element>(acc_s.layout());
     convert_fragment(acc_s, p_elem);
@@ -562,7 +576,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // memory (the Q and dO stages) to coalesced 16-byte global stores.
 #pragma unroll
   for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= params.softmax_scale;
-  if constexpr (kExtras) {
+  if constexpr (kExtras == ExtrasLevel::kAll) {
     if (extras.dropout) {
 #pragma unroll
       for (int i = 0; i < size(acc_dv); ++i) acc_dv(i) *= params.dropout_scale;
@@ -601,7 +615,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: one CTA per (query block, head, batch), key blocks visited in ascending order,
 // dQ accumulated in registers: no atomics, so the result is bitwise reproducible.
-template <typename Traits, bool kSoftcap, bool kExtras>
+template <typename Traits, bool kSoftcap, ExtrasLevel kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     dq_kernel(const __grid_constant__ BwdParams params) {
   using Element = typename Traits::Element;
@@ -619,6 +633,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_k = params.seqlen_k;
 
   const KeyRangeMask mask = KeyRangeMask::make(params, batch);
+  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
+  static_assert(!(kExtras == ExtrasLevel::kAll && kSoftcap), "kAll takes softcap at run time");
+  const bool softcap_on = kSoftcap || (kExtras == ExtrasLevel::kAll && params.softcap > 0.f);
   const Softcap softcap = Softcap::make(params.softmax_scale, params.softcap);
   const float scale_log2 = SoftmaxScales::make(params.softmax_scale, params.softcap).scale_log2;
 
@@ -662,7 +679,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   Extras extras{};
   const int states_begin = n_block_begin;
-  if constexpr (kExtras) {
+  if constexpr (kAnyExtras) {
     extras = Extras::make(params, batch, head,
                           SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
     classify_tiles<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
@@ -700,7 +717,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                     tKcK, rows, params.head_dim);
   };
 
-  typename Traits::TiledMmaSdP tiled_mma_sdp;
+  SdpMma<Traits, kExtras> tiled_mma_sdp;
   auto thr_mma_sdp = tiled_mma_sdp.get_thread_slice(tid);
   typename Traits::TiledMmaDq tiled_mma_dq;
   auto thr_mma_dq = tiled_mma_dq.get_thread_slice(tid);
@@ -754,7 +771,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int n_block = n_block_begin, next = 0; n_block < n_block_end; n_block = next, ++iteration) {
     const int stage = iteration & 1;
     const int key_begin = n_block * kBlockN;
-    next = kExtras ? visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block + 1)
+    next = kAnyExtras ? visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block + 1)
                    : n_block + 1;
     cp_async_wait<0>();
     __syncthreads();
@@ -773,10 +790,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     gemm_smem(tiled_mma_sdp, acc_s, tSrQ, tSrK, tSsQ, smem_thr_copy_b_sdp.partition_S(sK(stage)),
               smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
               smem_thr_copy_b_sdp);
-    probs_and_dscores<kSoftcap, kExtras>(
+    probs_and_dscores<kExtras>(
         acc_s, acc_dp, coords_s, mask, extras,
-        kExtras && tile_states[n_block - states_begin] == kTilePartial, softcap, scale_log2,
-        lse_log2, row_d, row_begin, row_end, key_begin, kBlockN, params.dropout_scale, NoDbias{});
+        kAnyExtras && tile_states[n_block - states_begin] == kTilePartial, softcap_on, softcap,
+        scale_log2, lse_log2, row_d, row_begin, row_end, key_begin, kBlockN, params.dropout_scale,
+        NoDbias{});
     Tensor ds_elem = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, ds_elem);
     copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(ds_elem), tdSsdS);

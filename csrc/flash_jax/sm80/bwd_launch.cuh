@@ -132,14 +132,15 @@ inline int tile_state_bytes(int blocks) { return (blocks + 15) / 16 * 16; }
 
 // dK/dV (with atomic dQ) or, when deterministic, dK/dV then the dQ kernel, for one combination
 // of the template flags.
-template <typename Traits, bool kSoftcap, bool kExtras = false>
+template <typename Traits, bool kSoftcap, ExtrasLevel kExtras = ExtrasLevel::kNone>
 std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t stream) {
   const unsigned heads = params.heads;
   const unsigned batch = params.batch;
   const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   const int query_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const int dkdv_smem = Traits::kSmemBytesDkDv + (kExtras ? tile_state_bytes(query_blocks) : 0);
-  const int dq_smem = Traits::kSmemBytesDq + (kExtras ? tile_state_bytes(key_blocks) : 0);
+  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
+  const int dkdv_smem = Traits::kSmemBytesDkDv + (kAnyExtras ? tile_state_bytes(query_blocks) : 0);
+  const int dq_smem = Traits::kSmemBytesDq + (kAnyExtras ? tile_state_bytes(key_blocks) : 0);
   const dim3 key_grid(key_blocks, heads, batch);
   if (!params.deterministic) {
     return launch(dkdv_kernel<Traits, kSoftcap, true, kExtras>, "backward dK/dV/dQ",
@@ -178,7 +179,7 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
       /*zero_dq_accum=*/!params.deterministic);
   if (!error.empty()) return "flash_jax " + error;
 
-  if (uses_extras(params)) {
+  if (extras_level(params) != ExtrasLevel::kNone) {
     if (params.dbias != nullptr) {
       const size_t bytes = sizeof(float) * size_t(params.bias_batch) * params.bias_heads *
                            params.bias_rows * params.bias_cols;

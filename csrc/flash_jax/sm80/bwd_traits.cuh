@@ -40,6 +40,19 @@ struct BwdTraits {
       TiledMMA<MmaAtom, Layout<Shape<Int<kWarpsM>, Int<kNWarps / kWarpsM>, _1>>,
                Tile<Int<16 * kWarpsM>, Int<16 * (kNWarps / kWarpsM)>, _16>>;
   using TiledMmaSdP = WarpTiledMma<kWarpsMForSdP>;
+  // S and dP of the kAll extras variant (dropout): the N mode is permuted so that each warp's n8
+  // atoms pair up in 16 consecutive keys (logical column a + 8 w + 8 W r, atom column a, warp w
+  // of W, repeat r, is key a + 16 w + 8 r for r < 2) instead of lying 8 W keys apart. The thread
+  // then holds the 2 x 4 entries of one dropout draw (rows {R, R + 8} x keys {2t, 2t + 1, 2t + 8,
+  // 2t + 9} of a 16-key span, flash_jax/_dropout.py): one Philox call per two atoms, as in the
+  // forward. Not used by the other variants: ptxas gives the permuted layout more registers
+  // (sm_90, d128: the plain dK/dV/dQ kernel spills 56 instead of 44 bytes, the visibility
+  // variant 104 instead of none).
+  static constexpr int kWarpsNForSdP = kNWarps / kWarpsMForSdP;
+  using TiledMmaSdPPairedKeys = TiledMMA<
+      MmaAtom, Layout<Shape<Int<kWarpsMForSdP>, Int<kWarpsNForSdP>, _1>>,
+      Tile<Int<16 * kWarpsMForSdP>,
+           Layout<Shape<_8, Int<kWarpsNForSdP>, _2>, Stride<_1, _16, _8>>, _16>>;
   using TiledMmaDkDv = WarpTiledMma<kWarpsNForDkDv>;
   using TiledMmaDq = WarpTiledMma<kWarpsMForDq>;
 

@@ -1,6 +1,5 @@
 // Host launcher of the sm80 forward extras variants (segment ids, positions, dense mask, bias,
-// ALiBi, dropout);
-// see launch.h. Included only by the extras instantiation files.
+// ALiBi, dropout; the two levels of params.h); see launch.h. Included only by the extras instantiation files.
 #pragma once
 
 #include <string>
@@ -17,9 +16,16 @@ std::string launch_fwd_extras(const FwdParams& params, cudaStream_t stream) {
            "split-KV "
            "(num_splits must be 1), got num_splits=" + std::to_string(params.num_splits);
   }
-  return params.softcap > 0.f
-             ? sm80::launch_fwd_kernel_variant<Traits, false, true, true>(params, stream)
-             : sm80::launch_fwd_kernel_variant<Traits, false, false, true>(params, stream);
+  switch (extras_level(params)) {
+    case ExtrasLevel::kVisibility:
+      return sm80::launch_fwd_kernel_variant<Traits, false, false, ExtrasLevel::kVisibility>(
+          params, stream);
+    case ExtrasLevel::kAll:
+      return sm80::launch_fwd_kernel_variant<Traits, false, false, ExtrasLevel::kAll>(params,
+                                                                                      stream);
+    default:
+      return "flash_jax forward: the extras launcher was called without extras";
+  }
 }
 
 }  // namespace flash_jax

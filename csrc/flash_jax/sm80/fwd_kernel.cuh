@@ -157,11 +157,12 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 // kSoftcap: params.softcap > 0 (a template flag for the same reason as kMasked below: the tanh
 // doubles the MUFU work per score and must not be issued predicated-off).
 // q_lengths / kv_lengths need no flag: they only narrow the mask's extents, read once per CTA.
-// kExtras: segment ids, positions, dense mask, bias, ALiBi and dropout (params.h), each a uniform
-// run-time branch. The CTA first classifies its key blocks into shared memory (after the tiles,
+// kExtras (params.h): kVisibility for segment ids, positions and a dense mask; kAll adds bias,
+// ALiBi and dropout, each a uniform run-time branch, and takes softcap at run time (kSoftcap is
+// then false). The CTA first classifies its key blocks into shared memory (after the tiles,
 // ceil(key blocks / 16) * 16 bytes), then walks only the visible ones: no dependent global load
 // per block. Not combined with kSplit.
-template <typename Traits, bool kSplit, bool kSoftcap, bool kExtras>
+template <typename Traits, bool kSplit, bool kSoftcap, ExtrasLevel kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_constant__ FwdParams params) {
   using namespace cute;
   using Element = typename Traits::Element;
@@ -190,12 +191,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     n_block_begin = max(n_block_begin, split * blocks_per_split);
     n_block_end = min(n_block_end, (split + 1) * blocks_per_split);
   }
-  static_assert(!(kExtras && kSplit), "extras variants run without split-KV");
+  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
+  constexpr bool kScoreExtras = kExtras == ExtrasLevel::kAll;
+  static_assert(!(kAnyExtras && kSplit), "extras variants run without split-KV");
+  static_assert(!(kScoreExtras && kSoftcap), "the kAll variant takes softcap at run time");
+  const bool softcap_on = kSoftcap || (kScoreExtras && params.softcap > 0.f);
   const SoftmaxScales scales = SoftmaxScales::make(params.softmax_scale, params.softcap);
   Extras extras{};
   uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes;
   const int states_begin = n_block_begin;
-  if constexpr (kExtras) {
+  if constexpr (kAnyExtras) {
     extras = Extras::make(params, batch, head, scales.scale);
     classify_tiles<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
                                                      n_block_begin, n_block_end, tile_states);
@@ -269,7 +274,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
 
     Tensor s_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
     Tensor s_coords_rowcol = make_tensor(s_coords.data(), accum_rowcol_layout(s_coords.layout()));
-    const Softcap softcap = Softcap::make(params.softmax_scale, kSoftcap ? params.softcap : 1.f);
+    const Softcap softcap = Softcap::make(params.softmax_scale, softcap_on ? params.softcap : 1.f);
     const int seqlen_k = mask.seqlen_k;
     int n_unmasked_begin, n_unmasked_end;
     mask.unmasked_key_block_range(row_begin, row_end, kBlockN, &n_unmasked_begin, &n_unmasked_end);
@@ -298,14 +303,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       cp_async_fence();
 
       gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, thread);
-      if constexpr (kSoftcap) softcap.apply(acc_s);
+      if (softcap_on) softcap.apply(acc_s);
       if constexpr (kMasked) {
         mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
-        if constexpr (kExtras) {
+        if constexpr (kAnyExtras) {
           if (extras.has_visibility()) extras.apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
         }
       }
-      if constexpr (kExtras) {
+      if constexpr (kScoreExtras) {
         if (extras.has_offsets()) extras.add_offsets(acc_s, s_coords, row_begin, n * kBlockN);
       }
 
@@ -318,7 +323,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
 
       Tensor acc_s_rowcol = make_tensor(acc_s.data(), accum_rowcol_layout(acc_s.layout()));
       softmax.update(acc_s_rowcol, acc_o_rowcol, scales.scale_log2);
-      if constexpr (kExtras) {
+      if constexpr (kScoreExtras) {
         // After the row sums: dropout removes weights from the output, not from the softmax.
         // Each thread's two successive n8 atoms lie 8 columns apart in one 16-column span (one
         // warp along N), so one Philox call serves both.
@@ -344,7 +349,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     // diagonal, window right edge), then the unmasked interval, then those at the window's left
     // edge. Only unmasked blocks lie inside seqlen_k entirely, so only masked ones check rows.
     softmax.init();
-    if constexpr (kExtras) {
+    if constexpr (kAnyExtras) {
       for (int n = n_block_end - 1; n >= n_block_begin;) {
         const int next = visible_block_at_or_below(tile_states, states_begin, n - 1);
         if (tile_states[n - states_begin] == kTileFull) {
@@ -361,7 +366,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       for (; n >= n_block_begin; --n) key_block(n, n - 1, cute::true_type{});
     }
     softmax.finalize(acc_o_rowcol, scales.scale, lse);
-    if constexpr (kExtras) {
+    if constexpr (kScoreExtras) {
       if (extras.dropout) {
 #pragma unroll
         for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= params.dropout_scale;

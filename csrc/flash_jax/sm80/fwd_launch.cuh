@@ -103,14 +103,14 @@ cudaError_t raise_smem_limit(Kernel kernel, int bytes, std::atomic<bool>* done_p
   return error;
 }
 
-template <typename Traits, bool kSplit, bool kSoftcap, bool kExtras = false>
+template <typename Traits, bool kSplit, bool kSoftcap, ExtrasLevel kExtras = ExtrasLevel::kNone>
 std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
   auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kExtras>;
   int smem_bytes = Traits::kSmemBytes;
   int smem_attribute = smem_bytes;
-  if constexpr (kExtras) {
+  if constexpr (kExtras != ExtrasLevel::kNone) {
     // One tile-state byte per key block; the attribute is raised to the device maximum once
     // since the size varies with seqlen_k.
     const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
@@ -214,7 +214,7 @@ std::string launch_fwd(const FwdParams& params, cudaStream_t stream) {
   std::string error = sm80::check_fwd_params(params, kHeadDim);
   if (!error.empty()) return error;
   using Config = sm80::FwdConfig<Element, kHeadDim>;
-  if (uses_extras(params)) return launch_fwd_extras<Element, kHeadDim>(params, stream);
+  if (extras_level(params) != ExtrasLevel::kNone) return launch_fwd_extras<Element, kHeadDim>(params, stream);
   if (params.num_splits == 1) return sm80::launch_fwd_kernel<typename Config::Main, false>(params, stream);
   error = sm80::launch_fwd_kernel<typename Config::Split, true>(params, stream);
   if (!error.empty()) return error;
