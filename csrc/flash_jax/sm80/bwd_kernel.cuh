@@ -361,17 +361,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Element* smem_ds = smem_p + Traits::kPdSTileElems;
   float* smem_lse = reinterpret_cast<float*>(smem_ds + Traits::kPdSTileElems);  // 2 stages
   float* smem_d = smem_lse + 2 * kBlockM;                                         // 2 stages
-  uint8_t* tile_states = smem + Traits::kSmemBytesDkDv;  // kExtras: one byte per query block
+  // Extras variants: the CTA's Extras, then one tile-state byte per query block.
+  Extras* extras_slot = reinterpret_cast<Extras*>(smem + Traits::kSmemBytesDkDv);
+  uint8_t* tile_states = smem + Traits::kSmemBytesDkDv + kExtrasSmemBytes;
 
-  Extras extras{};
   const int states_begin = m_block_begin;
   if constexpr (kAnyExtras) {
-    extras = Extras::make(params, batch, head,
-                          SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
     classify_tiles<Traits::kNThreads, kBlockM, false>(
-        extras, mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
+        share_extras(extras_slot, params, batch, head,
+                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale),
+        mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
         m_block_end, tile_states);
   }
+  const Extras& extras = *extras_slot;  // read only by the extras variants
   const DbiasWriter dbias =
       kExtras == ExtrasLevel::kAll ? DbiasWriter::make(params, batch, head) : DbiasWriter{};
 
@@ -675,16 +677,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Element* smem_k = smem_do + Traits::kQTileElems;  // 2 stages
   Element* smem_v = smem_k + 2 * kKVTileElems;       // 2 stages
   Element* smem_ds = smem_v + 2 * kKVTileElems;
-  uint8_t* tile_states = smem + Traits::kSmemBytesDq;  // kExtras: one byte per key block
+  // Extras variants: the CTA's Extras, then one tile-state byte per key block.
+  Extras* extras_slot = reinterpret_cast<Extras*>(smem + Traits::kSmemBytesDq);
+  uint8_t* tile_states = smem + Traits::kSmemBytesDq + kExtrasSmemBytes;
 
-  Extras extras{};
   const int states_begin = n_block_begin;
   if constexpr (kAnyExtras) {
-    extras = Extras::make(params, batch, head,
-                          SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
-    classify_tiles<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
-                                                     n_block_begin, n_block_end, tile_states);
+    classify_tiles<Traits::kNThreads, kBlockN, true>(
+        share_extras(extras_slot, params, batch, head,
+                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale),
+        mask, row_begin, row_end, kBlockM, n_block_begin, n_block_end, tile_states);
   }
+  const Extras& extras = *extras_slot;  // read only by the extras variants
 
   using SmemLayoutKV = typename Traits::SmemLayoutKV;
   Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});

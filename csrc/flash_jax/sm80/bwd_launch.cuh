@@ -127,8 +127,9 @@ std::string launch_row_kernel(Kernel kernel, const char* name, dim3 grid, cudaSt
   return "";
 }
 
-// Bytes of tile states the extras variants keep after their tiles: one per walked block.
-inline int tile_state_bytes(int blocks) { return (blocks + 15) / 16 * 16; }
+// Bytes the extras variants keep after their tiles: their Extras and one tile state per walked
+// block.
+inline int tile_state_bytes(int blocks) { return kExtrasSmemBytes + (blocks + 15) / 16 * 16; }
 
 // dK/dV (with atomic dQ) or, when deterministic, dK/dV then the dQ kernel, for one combination
 // of the template flags.

@@ -197,14 +197,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   static_assert(!(kScoreExtras && kSoftcap), "the kAll variant takes softcap at run time");
   const bool softcap_on = kSoftcap || (kScoreExtras && params.softcap > 0.f);
   const SoftmaxScales scales = SoftmaxScales::make(params.softmax_scale, params.softcap);
-  Extras extras{};
-  uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes;
+  Extras* extras_slot = reinterpret_cast<Extras*>(smem + Traits::kSmemBytes);
+  uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes + kExtrasSmemBytes;
   const int states_begin = n_block_begin;
   if constexpr (kAnyExtras) {
-    extras = Extras::make(params, batch, head, scales.scale);
-    classify_tiles<Traits::kNThreads, kBlockN, true>(extras, mask, row_begin, row_end, kBlockM,
-                                                     n_block_begin, n_block_end, tile_states);
+    classify_tiles<Traits::kNThreads, kBlockN, true>(
+        share_extras(extras_slot, params, batch, head, scales.scale), mask, row_begin, row_end,
+        kBlockM, n_block_begin, n_block_end, tile_states);
   }
+  const Extras& extras = *extras_slot;  // read only by the extras variants
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(thread);

@@ -114,7 +114,7 @@ std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stre
     // One tile-state byte per key block; the attribute is raised to the device maximum once
     // since the size varies with seqlen_k.
     const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-    smem_bytes += (key_blocks + 15) / 16 * 16;
+    smem_bytes += kExtrasSmemBytes + (key_blocks + 15) / 16 * 16;
     std::string message;
     smem_attribute = max_dynamic_smem_per_block(&message);
     if (!message.empty()) return "flash_jax forward: " + message;
