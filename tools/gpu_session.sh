@@ -4,9 +4,13 @@
 #
 #   tools/gpu_session.sh test sanitize bench example
 #   tools/gpu_session.sh wheel          (alone: skips the in-place build, which it does not need)
+#   FLASH_JAX_PREBUILT=1 tools/gpu_session.sh test profile
+#                                       (the extension was built elsewhere for this machine's
+#                                       Python and carried as flash_jax/_flash_jax_cuda*.so)
 #
 # Expects wheels the device lacks (nvidia-cutlass) under .whl/ (carried), and python3 with
-# jax[cuda], pybind11 and flax. BENCH_ARGS passes flags to benchmarks/bench_attention.py.
+# jax[cuda], pybind11 and flax. BENCH_ARGS passes flags to benchmarks/bench_attention.py; TESTS
+# names the test files of the test step (default tests), TEST_TIMEOUT its limit in seconds.
 # wheel: `pip wheel` from a fresh copy of the sources (FLASH_JAX_BUILD_CUDA=1, the default
 # FLASH_JAX_CUDA_ARCHS unless WHEEL_ARCHS is set, no ccache), timed; its size, the extension's
 # NEEDED/RUNPATH, and a jitted forward+backward against reference_attention from the installed
@@ -27,6 +31,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # The steps that import flash_jax from this checkout need the extension built in place.
 inplace=$(( $# == 0 ))
 for step in "$@"; do [[ $step == wheel ]] || inplace=1; done
+if [[ ${FLASH_JAX_PREBUILT:-0} == 1 ]]; then
+  ls flash_jax/_flash_jax_cuda*.so || { echo "FLASH_JAX_PREBUILT=1 but no extension in flash_jax/"; exit 1; }
+  inplace=0
+fi
 if (( inplace )); then
 start=$(date +%s)
 FLASH_JAX_BUILD_CUDA=1 FLASH_JAX_CUDA_ARCHS="${ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}" \
@@ -158,8 +166,18 @@ status=0
 for step in "$@"; do
   case "$step" in
     test)
-      timeout 420 python3 -m pytest tests -m gpu -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+      timeout "${TEST_TIMEOUT:-420}" python3 -m pytest ${TESTS:-tests} -m gpu -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1 ;;
+    profile)
+      # Nsight Compute: stall reasons, pipe use and scheduler statistics of one launch of each
+      # main-loop kernel (tools/profile_kernels.py says which); the report comes back too.
+      ncu --kernel-name regex:'fwd_kernel|dkdv_kernel' --launch-count 4 \
+        --section LaunchStats --section Occupancy --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section SchedulerStats --section WarpStateStats --section InstructionStats \
+        -o "$OUT/profile" -f python3 tools/profile_kernels.py >"$OUT/profile_run.log" 2>&1 || status=1
+      ncu -i "$OUT/profile.ncu-rep" --print-details all >"$OUT/profile.txt" 2>&1 || status=1
+      grep -E "^  [^ ].*\(|Stall|Warp Cycles Per Issued|Issued Ipc|Pipe|Bank" "$OUT/profile.txt" | head -60 ;;
     sanitize)
       compute-sanitizer --tool memcheck --error-exitcode 3 python3 tools/sanitize_shapes.py \
         >"$OUT/sanitize.log" 2>&1 || status=1
