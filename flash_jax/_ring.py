@@ -29,14 +29,19 @@ from jax import lax
 
 from flash_jax import _primitives
 from flash_jax import _validate
+from flash_jax._config import OPTIONAL_OPERANDS
 from flash_jax._config import AttentionConfig
 
 LAYOUTS = ("contiguous", "zigzag")
 
-# Optional operands the ring can carry: per-token ids travel with their chunk, lengths are
-# shifted by the chunk's first position. The others (mask/bias tiles, alibi and window
-# distances, dropout positions) depend on absolute positions the chunk calls do not know.
-RING_OPERANDS = ("q_segment_ids", "kv_segment_ids", "q_lengths", "kv_lengths")
+# Optional operands the ring can carry: per-token ids and positions travel with their chunk,
+# lengths are shifted by the chunk's first position, ALiBi slopes are per head. A mask, a bias
+# and dropout are indexed by (row, column) of the whole score matrix, which the chunk calls do
+# not see.
+RING_OPERANDS = ("q_segment_ids", "kv_segment_ids", "q_positions", "kv_positions", "q_lengths",
+                 "kv_lengths", "alibi_slopes")
+# Per-token operands of the keys: they travel around the ring with their K/V chunk.
+_KV_TOKEN_OPERANDS = ("kv_segment_ids", "kv_positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,16 @@ class Ring:
   layout: str = "contiguous"
 
 
+def needs_global_positions(config: AttentionConfig, seq_q: int, seq_k: int) -> bool:
+  """Whether the chunk calls need the global positions of their tokens: windows and ALiBi
+  measure distances from the global diagonal, and so does causal masking when the query and key
+  lengths differ (the chunk pairs then do not split along the diagonal). Positions given by the
+  caller (attention_varlen) already are global."""
+  return "q_positions" not in config.operands and (
+      config.has_window or "alibi_slopes" in config.operands or
+      (config.causal and seq_q != seq_k))
+
+
 def unsupported_reason(config: AttentionConfig, seq_q: int, seq_k: int, layout: str):
   """Why the ring cannot compute `config` (None when it can). seq_q/seq_k are local lengths."""
   extra = [name for name in config.operands if name not in RING_OPERANDS]
@@ -55,15 +70,11 @@ def unsupported_reason(config: AttentionConfig, seq_q: int, seq_k: int, layout: 
     return f"optional operands {extra} (the ring supports {list(RING_OPERANDS)})"
   if layout == "zigzag" and any(name.endswith("lengths") for name in config.operands):
     return "q_lengths/kv_lengths with the zigzag layout"
-  if config.has_window:
-    return "a sliding window"
   if config.dropout_rate:
     return "dropout"
-  if config.causal and seq_q != seq_k:
-    return (f"causal attention with different local query and key lengths ({seq_q} and "
-            f"{seq_k})")
-  if config.causal and layout == "zigzag" and seq_q % 2:
-    return f"the zigzag layout with an odd local sequence length ({seq_q})"
+  halves = config.causal or needs_global_positions(config, seq_q, seq_k)
+  if layout == "zigzag" and halves and (seq_q % 2 or seq_k % 2):
+    return f"the zigzag layout with an odd local sequence length ({seq_q} and {seq_k})"
   return None
 
 
@@ -116,8 +127,14 @@ def _rotate(tree, ring: Ring):
 class _Chunks:
   """The operands of one device and the chunk pairs it computes.
 
-  `q_side` holds the query chunk's arrays (query and q_segment_ids), `kv` the travelling chunk
-  (key, value and kv_segment_ids), `lengths` the unsharded q_lengths/kv_lengths.
+  `named` holds the device's optional operands, `kv` the travelling chunk (key, value and the
+  keys' per-token operands). Two ways to mask by position:
+  - without global positions, a pair is either entirely visible, entirely in the future
+    (skipped) or the device's own diagonal chunk pair (causal inside), which `pairs` and
+    `own_config` encode;
+  - with them (`needs_global_positions`, or positions given by the caller), every pair carries
+    the positions of its tokens and the kernels compare key and query positions; a pair runs only
+    where the position ranges meet the band of the causal mask and window.
   """
 
   def __init__(self, config: AttentionConfig, ring: Ring, query, key, value, optional):
@@ -125,36 +142,106 @@ class _Chunks:
     self.ring = ring
     self.named = dict(zip(config.operands, optional))
     self.index = lax.axis_index(ring.axis)
-    self.seq_q, self.seq_k = query.shape[1], key.shape[1]
+    self.batch, self.seq_q, self.seq_k = query.shape[0], query.shape[1], key.shape[1]
     self.kv = {"key": key, "value": value}
-    if "kv_segment_ids" in self.named:
-      self.kv["kv_segment_ids"] = self.named["kv_segment_ids"]
+    for name in _KV_TOKEN_OPERANDS:
+      if name in self.named:
+        self.kv[name] = self.named[name]
+    self.global_positions = needs_global_positions(config, self.seq_q, self.seq_k)
+    self.positional = self.global_positions or "q_positions" in self.named
+    self.pair_config = config
+    if self.global_positions:
+      names = set(config.operands) | {"q_positions", "kv_positions"}
+      self.pair_config = dataclasses.replace(
+          config, operands=tuple(n for n in OPTIONAL_OPERANDS if n in names))
+
+  def token_positions(self, device, length):
+    """Global index of each local token of `device`'s chunk, int32 [batch, length]."""
+    local = jnp.arange(length, dtype=jnp.int32)
+    if self.ring.layout == "contiguous":
+      positions = device * length + local
+    else:
+      half = length // 2  # zigzag: chunks device and 2n - 1 - device of the 2n half-chunks
+      chunk = jnp.where(local < half, device, 2 * self.ring.size - 1 - device)
+      positions = chunk * half + local % half
+    return jnp.broadcast_to(positions, (self.batch, length))
+
+  def positions(self, kv, source):
+    """(query positions, key positions) of the device's queries and of `source`'s keys, in the
+    units the kernels compare (the query's include the diagonal offset)."""
+    if not self.global_positions:
+      return self.named["q_positions"], kv["kv_positions"]
+    size = self.ring.size
+    offset = self.config.diagonal_offset(size * self.seq_q, size * self.seq_k)
+    return (self.token_positions(self.index, self.seq_q) + offset,
+            self.token_positions(source, self.seq_k))
 
   def optional(self, rows, cols, kv, source):
     """The optional operands of the chunk pair (query rows `rows`, key columns `cols` of the
     chunk of device `source`), lengths shifted to the pair's first positions."""
+    if self.positional:
+      q_positions, kv_positions = self.positions(kv, source)
     values = []
-    for name in self.config.operands:
+    for name in self.pair_config.operands:
       if name == "q_segment_ids":
         values.append(self.named[name][:, rows])
-      elif name == "kv_segment_ids":
+      elif name in _KV_TOKEN_OPERANDS and name in kv:
         values.append(kv[name][:, cols])
+      elif name == "q_positions":
+        values.append(q_positions[:, rows])
+      elif name == "kv_positions":
+        values.append(kv_positions[:, cols])
       elif name == "q_lengths":
         start = self.index * self.seq_q + (rows.start or 0)
         values.append(jnp.clip(self.named[name] - start, 0, self.seq_q))
-      else:  # kv_lengths
+      elif name == "kv_lengths":
         start = source * self.seq_k + (cols.start or 0)
         values.append(jnp.clip(self.named[name] - start, 0, self.seq_k))
+      else:  # alibi_slopes: per head
+        values.append(self.named[name])
     return values
 
-  def pairs(self, step):
-    """The chunk pairs of ring step `step` (a traced int >= 1), all non-causal: a list of
-    (predicate or None, query rows, key columns); a pair runs where its predicate holds.
-    Step 0, the device's own chunks, uses `own_config`."""
+  def band(self):
+    """(lowest, highest) key position minus query position that the causal mask and window
+    allow; None for an unbounded side."""
+    config = self.config
+    upper = [bound for bound, on in ((0, config.causal),
+                                     (config.window_right, config.window_right >= 0)) if on]
+    return (-config.window_left if config.window_left >= 0 else None,
+            min(upper) if upper else None)
+
+  def band_meets(self, q_positions, kv_positions):
+    """Whether some (query, key) pair of these positions lies in the band (a traced bool), or
+    None when the band is unbounded."""
+    lower, upper = self.band()
+    if lower is None and upper is None:
+      return None
+    meets = jnp.bool_(True)
+    if upper is not None:
+      meets &= kv_positions.min() - q_positions.max() <= upper
+    if lower is not None:
+      meets &= kv_positions.max() - q_positions.min() >= lower
+    return meets
+
+  def pairs(self, kv, step):
+    """The chunk pairs of ring step `step` (a traced int >= 1): a list of (predicate or None,
+    query rows, key columns); a pair runs where its predicate holds. Step 0, the device's own
+    chunks, uses `own_config`."""
     all_rows = slice(None)
+    source = (self.index - step) % self.ring.size
+    if self.positional:
+      q_positions, kv_positions = self.positions(kv, source)
+      # Zigzag chunks are two distant halves: each pair of halves is skipped on its own.
+      halves = (self.global_positions and self.ring.layout == "zigzag" and
+                self.band() != (None, None))
+      row_parts = [slice(0, self.seq_q // 2), slice(self.seq_q // 2, None)] if halves else [
+          all_rows]
+      col_parts = [slice(0, self.seq_k // 2), slice(self.seq_k // 2, None)] if halves else [
+          all_rows]
+      return [(self.band_meets(q_positions[:, rows], kv_positions[:, cols]), rows, cols)
+              for rows in row_parts for cols in col_parts]
     if not self.config.causal:
       return [(None, all_rows, all_rows)]
-    source = (self.index - step) % self.ring.size
     earlier = source < self.index
     if self.ring.layout == "contiguous":
       # Chunks after the device's own are entirely in the future: skipped.
@@ -168,10 +255,12 @@ class _Chunks:
 
   def own_config(self):
     """Step 0 pairs the device's chunks with themselves: causal inside (in both layouts the
-    local tokens are in increasing global order)."""
-    return self.config
+    local tokens are in increasing global order), or masked by positions."""
+    return self.pair_config
 
   def other_config(self):
+    if self.positional:
+      return self.pair_config
     return dataclasses.replace(self.config, causal=False)
 
 
@@ -225,7 +314,7 @@ def ring_forward(config: AttentionConfig, ring: Ring, query, key, value, *option
     acc_out, acc_lse, kv = carry
     kv = _rotate(kv, ring)
     source = (chunks.index - t) % ring.size
-    for predicate, rows, cols in chunks.pairs(t):
+    for predicate, rows, cols in chunks.pairs(kv, t):
       def compute(acc, rows=rows, cols=cols):
         out, lse = attend(rows, cols, kv, source, chunks.other_config())
         return _merge(*acc, out, lse, rows)
@@ -271,7 +360,7 @@ def ring_backward(config: AttentionConfig, ring: Ring, query, key, value, out, l
     dq, kv, dkv = carry
     kv, dkv = _rotate((kv, dkv), ring)
     source = (chunks.index - t) % ring.size
-    for predicate, rows, cols in chunks.pairs(t):
+    for predicate, rows, cols in chunks.pairs(kv, t):
       def compute(acc, rows=rows, cols=cols):
         dq, dkv = acc
         dq_c, dk_c, dv_c = gradients(rows, cols, kv, source, chunks.other_config())
@@ -294,26 +383,30 @@ def ring_backward(config: AttentionConfig, ring: Ring, query, key, value, out, l
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ring_attention(config, ring, query, key, value):
-  return ring_forward(config, ring, query, key, value)
+def _ring_attention(config, ring, query, key, value, *optional):
+  return ring_forward(config, ring, query, key, value, *optional)
 
 
-def _ring_attention_fwd(config, ring, query, key, value):
-  out, lse = ring_forward(config, ring, query, key, value)
-  return (out, lse), (query, key, value, out, lse)
+def _ring_attention_fwd(config, ring, query, key, value, *optional):
+  out, lse = ring_forward(config, ring, query, key, value, *optional)
+  return (out, lse), (query, key, value, out, lse, optional)
 
 
 def _ring_attention_bwd(config, ring, residuals, cotangents):
-  query, key, value, out, lse = residuals
+  query, key, value, out, lse, optional = residuals
   dout, dlse = cotangents
-  return ring_backward(config, ring, query, key, value, out, lse, dout.astype(query.dtype), dlse)
+  grads = ring_backward(config, ring, query, key, value, out, lse, dout.astype(query.dtype), dlse,
+                        *optional)
+  return (*grads, *(None for _ in optional))
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
 def ring_attention(query, key, value, *, axis_name, causal=False, softmax_scale=None,
-                   return_lse=False, layout="contiguous"):
+                   window=None, q_segment_ids=None, kv_segment_ids=None, q_lengths=None,
+                   kv_lengths=None, softcap=None, alibi_slopes=None, return_lse=False,
+                   layout="contiguous"):
   """Attention over a sequence sharded across the devices of `axis_name` (ring attention).
 
   Call it inside `shard_map` (or `pmap`) with the sequence axis of query, key and value sharded
@@ -328,9 +421,16 @@ def ring_attention(query, key, value, *, axis_name, causal=False, softmax_scale=
     key, value: local chunks [batch, seq_k / n, kv_heads, head_dim] (GQA as in `attention`).
     axis_name: the mapped axis (or tuple of axes, flattened row-major) the sequence is sharded
       over; device i of that axis holds the i-th chunk (see `layout`).
-    causal: causal masking over the global positions; needs seq_q == seq_k. Chunk pairs entirely
-      in the future are skipped and the diagonal pair is causal.
+    causal: causal masking over the global positions, aligned to the bottom-right corner of the
+      global score matrix as in `attention`. Chunk pairs entirely in the future are skipped.
     softmax_scale: static Python float, default 1/sqrt(head_dim).
+    window: (left, right) sliding window around the global diagonal, as in `attention`; chunk
+      pairs outside the band are skipped.
+    q_segment_ids, kv_segment_ids: local chunks int [batch, seq_q / n] / [batch, seq_k / n] of
+      the global segment ids (packed documents), given together.
+    q_lengths, kv_lengths: int [batch], the global lengths (the same on every device);
+      contiguous layout only.
+    softcap, alibi_slopes: as in `attention` (ALiBi distances are global).
     return_lse: also return the lse, float32 [batch, heads, seq_q / n].
     layout: how tokens are assigned to devices.
       "contiguous": device i holds tokens [i * c, (i + 1) * c) (c = local length). With causal
@@ -339,8 +439,14 @@ def ring_attention(query, key, value, *, axis_name, causal=False, softmax_scale=
         2n - 1 - i (local length even), which gives every device the same causal work at every
         step (about twice as fast as contiguous for causal attention on many devices). Arrange
         the global arrays with `zigzag_shard(x, n)` (or index with `zigzag_permutation`) before
-        sharding them contiguously, and restore the output with `zigzag_unshard`. Without
-        causal masking both layouts compute the same thing.
+        sharding them contiguously, and restore the output with `zigzag_unshard`; segment ids
+        go through `zigzag_shard` like the tokens. Without causal masking, a window or ALiBi
+        both layouts compute the same thing.
+
+  Windows, ALiBi, and causal masking with seq_q != seq_k give every chunk pair the global
+  positions of its tokens, so the pairs run the kernels' position-masked variant.
+  A mask, a bias and dropout are not supported (NotImplementedError): they are indexed by the
+  whole score matrix.
 
   Returns:
     The local output chunk [batch, seq_q / n, heads, head_dim], or (out, lse) with return_lse.
@@ -351,9 +457,16 @@ def ring_attention(query, key, value, *, axis_name, causal=False, softmax_scale=
   if axis_name is None:
     raise ValueError("ring_attention: `axis_name` must name the mapped axis the sequence is "
                      "sharded over (inside shard_map or pmap), got None")
+  left, right = _validate.window(window)
+  operands, _ = _validate.optional_operands(
+      query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      q_lengths=q_lengths, kv_lengths=kv_lengths, mask=None, bias=None,
+      alibi_slopes=alibi_slopes, dropout_rate=0.0, dropout_rng=None)
+  names = tuple(name for name in OPTIONAL_OPERANDS if name in operands)
   config = AttentionConfig(
       softmax_scale=_validate.softmax_scale(softmax_scale, query.shape[-1]),
-      causal=_validate.static_bool("causal", causal))
+      causal=_validate.static_bool("causal", causal), window_left=left, window_right=right,
+      softcap=_validate.softcap(softcap), operands=names)
   return_lse = _validate.static_bool("return_lse", return_lse)
   axis = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else axis_name
   try:
@@ -361,11 +474,14 @@ def ring_attention(query, key, value, *, axis_name, causal=False, softmax_scale=
   except NameError as error:
     raise ValueError(f"ring_attention: `axis_name` {axis_name!r} is not a mapped axis here; call "
                      "ring_attention inside shard_map or pmap over that axis") from error
-  if causal and layout == "zigzag" and query.shape[1] % 2:
+  seq_q, seq_k = query.shape[1], key.shape[1]
+  if layout == "zigzag" and (seq_q % 2 or seq_k % 2) and (
+      causal or needs_global_positions(config, seq_q, seq_k)):
     raise ValueError("ring_attention: layout='zigzag' holds two chunks per device, so the local "
-                     f"sequence length must be even, got {query.shape[1]}")
-  reason = unsupported_reason(config, query.shape[1], key.shape[1], layout)
+                     f"sequence lengths must be even, got {seq_q} and {seq_k}")
+  reason = unsupported_reason(config, seq_q, seq_k, layout)
   if reason is not None:
     raise NotImplementedError(f"ring_attention: {reason} is not supported")
-  out, lse = _ring_attention(config, Ring(axis, size, layout), query, key, value)
+  out, lse = _ring_attention(config, Ring(axis, size, layout), query, key, value,
+                             *(operands[name] for name in names))
   return (out, lse) if return_lse else out

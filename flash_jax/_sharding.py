@@ -15,8 +15,8 @@ the rules below how to split the call:
   absolute query positions (no causal mask, window, alibi, q_lengths or dropout). Otherwise, and
   whenever K/V are sequence-sharded, query and K/V are sharded alike over the sequence's mesh
   axes and the call runs ring attention over them (`_ring`). What the ring cannot compute
-  (mask/bias/alibi/window/dropout, causal with seq_q != seq_k, lengths that do not divide) is
-  computed on the gathered sequence instead.
+  (a mask, a bias, dropout, lengths that do not divide) is computed on the gathered sequence
+  instead.
 - head_dim: refused with NotImplementedError.
 
 Shardy (the default partitioner) propagates shardings with `sharding_rule`; GSPMD

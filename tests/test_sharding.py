@@ -251,6 +251,86 @@ def test_ring_attention_matches_one_device(case):
     assert "all-gather" not in text
 
 
+# name: (keyword arguments of attention, layout, kv_heads, seq_k); the ring runs on 4 devices.
+RING_OPTION_CASES = {
+    "window": (dict(window=(5, 3)), "contiguous", 8, 32),
+    "causal_window_zigzag": (dict(causal=True, window=(6, -1)), "zigzag", 4, 32),
+    "alibi_causal": (dict(causal=True, alibi=True), "contiguous", 8, 32),
+    "alibi_window_zigzag": (dict(window=(-1, 4), alibi=True), "zigzag", 8, 32),
+    "segment_ids_causal_zigzag": (dict(causal=True, segment_ids=True), "zigzag", 8, 32),
+    "lengths_causal": (dict(causal=True, lengths=True), "contiguous", 8, 32),
+    "softcap_gqa": (dict(softcap=2.0), "contiguous", 2, 32),
+    # Bottom-right causal alignment with twice as many keys as queries, in both layouts.
+    "causal_longer_keys": (dict(causal=True), "contiguous", 8, 64),
+    "causal_longer_keys_zigzag": (dict(causal=True, window=(9, 0)), "zigzag", 8, 64),
+}
+
+
+@pytest.mark.parametrize("case", list(RING_OPTION_CASES))
+def test_ring_attention_options_match_one_device(case):
+  options, layout, kv_heads, seq_k = RING_OPTION_CASES[case]
+  num, batch, seq_q, heads = 4, 2, 32, 8
+  q, _, _, dout = inputs(batch=batch, seq=seq_q, heads=heads, kv_heads=kv_heads)
+  _, k, v, _ = inputs(batch=batch, seq=seq_k, heads=heads, kv_heads=kv_heads, seed=1)
+  options = dict(options)
+  replicated = {}  # per-batch or per-head arguments, the same on every device
+  tokens = {}      # per-token arguments, sharded like the sequence
+  if options.pop("alibi", False):
+    replicated["alibi_slopes"] = jnp.linspace(0.05, 0.4, heads)
+  if options.pop("lengths", False):
+    replicated["q_lengths"] = jnp.array([seq_q - 5, 11], jnp.int32)
+    replicated["kv_lengths"] = jnp.array([seq_k - 3, 20], jnp.int32)
+  if options.pop("segment_ids", False):  # three documents of uneven lengths
+    ids = lambda n: jnp.broadcast_to((jnp.arange(n) >= 5).astype(jnp.int32) +
+                                     (jnp.arange(n) >= 19), (batch, n))
+    tokens = dict(q_segment_ids=ids(seq_q), kv_segment_ids=ids(seq_k))
+  dlse = jax.random.normal(jax.random.key(3), (batch, heads, seq_q), jnp.float32)
+
+  def reference(q, k, v):
+    return flash_jax.attention(q, k, v, return_lse=True, **options, **replicated, **tokens)
+
+  def ring_local(q, k, v, tokens, replicated):
+    return flash_jax.ring_attention(q, k, v, axis_name="seq", layout=layout, return_lse=True,
+                                    **options, **tokens, **replicated)
+
+  seq = P(None, "seq")
+  ring = shard_map(ring_local, make_mesh((num,), ("seq",)),
+                   in_specs=(seq, seq, seq, {n: seq for n in tokens},
+                             {n: P() for n in replicated}),
+                   out_specs=(seq, P(None, None, "seq")))
+  order = (lambda x: flash_jax.zigzag_shard(x, num)) if layout == "zigzag" else (lambda x: x)
+  unorder = ((lambda x, axis=1: flash_jax.zigzag_unshard(x, num, axis)) if layout == "zigzag"
+             else (lambda x, axis=1: x))
+
+  def ring_global(q, k, v):
+    out, lse = ring(order(q), order(k), order(v), {n: order(x) for n, x in tokens.items()},
+                    replicated)
+    return unorder(out), unorder(lse, 2)
+
+  def run(attention):
+    def f(q, k, v):
+      outputs, vjp = jax.vjp(attention, q, k, v)
+      return outputs + tuple(vjp((dout, dlse)))
+    return jax.jit(f)
+
+  outputs, text = compile_and_run(run(ring_global), q, k, v)
+  assert_close(outputs, run(reference)(q, k, v))
+  assert "collective-permute" in text
+
+
+def test_sequence_sharding_with_window_and_alibi_runs_ring_attention():
+  q, k, v, dout = inputs(kv_heads=4)
+  run = forward_backward(functools.partial(
+      flash_jax.attention, causal=True, window=(7, -1), alibi_slopes=jnp.linspace(0.1, 0.8, 8)))
+  expected = jax.jit(run)(q, k, v, dout)
+  spec = P("data", "seq")
+  outputs, text = compile_and_run(sharded(run, make_mesh((2, 4), ("data", "seq")), spec, spec),
+                                  q, k, v, dout)
+  assert_close(outputs, expected)
+  assert "collective-permute" in text
+  assert "all-gather" not in text and "all-to-all" not in text
+
+
 def test_ring_attention_in_pmap():
   q, k, v, _ = inputs(batch=2, kv_heads=4)
   expected = flash_jax.attention(q, k, v, causal=True)
@@ -284,7 +364,7 @@ def test_ring_attention_bad_arguments():
     call(axis_name="seq", layout="striped")
   with pytest.raises(ValueError, match="`axis_name` 'nope' is not a mapped axis"):
     call(axis_name="nope")
-  with pytest.raises(ValueError, match="local sequence length must be even, got 1"):
+  with pytest.raises(ValueError, match="local sequence lengths must be even, got 1"):
     jax.jit(shard_map(lambda q, k, v: flash_jax.ring_attention(
         q, k, v, axis_name="seq", causal=True, layout="zigzag"), make_mesh((8,), ("seq",)),
         in_specs=(P(None, "seq"),) * 3, out_specs=P(None, "seq")))(q, k, v)
