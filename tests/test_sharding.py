@@ -373,13 +373,22 @@ def test_ring_attention_bad_arguments():
 # --- GPU: the same paths on a one-device mesh --------------------------------------------------
 
 
+# The ring's two ways of masking: by chunk pairs, and by global positions (window, ALiBi).
+GPU_RING_OPTIONS = {"causal": dict(causal=True),
+                    "causal_window_alibi": dict(causal=True, window=(7, -1), alibi=True)}
+
+
 @pytest.mark.parametrize("dtype", [gpu_param(jnp.bfloat16)])
-def test_gpu_one_device_mesh(dtype):
+@pytest.mark.parametrize("option", list(GPU_RING_OPTIONS))
+def test_gpu_one_device_mesh(dtype, option):
   device = gpu_devices()[:1]
   q, k, v, dout = (x.astype(dtype) for x in inputs(kv_heads=4))
   q, k, v, dout = (jax.device_put(x, device[0]) for x in (q, k, v, dout))
   mesh = make_mesh((1,), ("seq",), device)
-  run = forward_backward(functools.partial(flash_jax.attention, causal=True))
+  options = dict(GPU_RING_OPTIONS[option])
+  if options.pop("alibi", False):
+    options["alibi_slopes"] = jnp.linspace(0.1, 0.8, 8)
+  run = forward_backward(functools.partial(flash_jax.attention, **options))
   expected = jax.jit(run)(q, k, v, dout)
   spec = P(None, "seq")
   assert_close_bf16 = lambda a, e: [np.testing.assert_allclose(
@@ -387,6 +396,6 @@ def test_gpu_one_device_mesh(dtype):
       for x, y in zip(a, e)]
   assert_close_bf16(sharded(run, mesh, spec, spec)(q, k, v, dout), expected)
   ring = shard_map(lambda q, k, v: flash_jax.ring_attention(q, k, v, axis_name="seq",
-                                                            causal=True),
+                                                            **options),
                    mesh, in_specs=(spec,) * 3, out_specs=spec)
   assert_close_bf16(jax.jit(forward_backward(ring))(q, k, v, dout), expected)
