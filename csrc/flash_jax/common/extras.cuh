@@ -209,10 +209,13 @@ struct Extras {
   }
 };
 
-// The extras variants keep their CTA's Extras in shared memory, after the tiles and before the
-// tile states, instead of registers: its ~25 words (pointers, strides, seed) otherwise stay live
-// through the whole main loop, and the kAll dK/dV kernel spilled 384-396 bytes at d128 (sm_90).
-// Fields are re-read after each barrier of the loop, a few shared loads per tile.
+// The extras variants build their CTA's Extras once in shared memory, after the tiles and before
+// the tile states. kAll then reads it from there in the main loop (its ~25 words of pointers,
+// strides and seed otherwise stay live in registers: the kAll dK/dV kernel spilled 384-396
+// bytes at d128 on sm_90, 152 with this, and the d128 forward with dropout went from +50% to
+// +36% over none); kVisibility copies its few fields to registers, which measured 3-7% faster
+// for one-document segment ids than reading them from shared memory (benchmarks/NOTES.md,
+// session 3).
 constexpr int kExtrasSmemBytes = (sizeof(Extras) + 15) / 16 * 16;
 
 // Thread 0 writes this CTA's Extras to `slot`; returns it once every thread can read it.
@@ -221,6 +224,16 @@ __device__ __forceinline__ const Extras& share_extras(Extras* slot, const Attent
   if (threadIdx.x == 0) *slot = Extras::make(p, batch, head, logit_scale);
   __syncthreads();
   return *slot;
+}
+
+template <ExtrasLevel kLevel>
+__device__ __forceinline__ const Extras& cta_extras(const Extras* shared,
+                                                    const Extras& in_registers) {
+  if constexpr (kLevel == ExtrasLevel::kAll) {
+    return *shared;
+  } else {
+    return in_registers;
+  }
 }
 
 template <int kWords>

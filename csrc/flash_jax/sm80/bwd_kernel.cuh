@@ -366,14 +366,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   uint8_t* tile_states = smem + Traits::kSmemBytesDkDv + kExtrasSmemBytes;
 
   const int states_begin = m_block_begin;
+  Extras visibility_extras{};
   if constexpr (kAnyExtras) {
-    classify_tiles<Traits::kNThreads, kBlockM, false>(
+    const Extras& shared =
         share_extras(extras_slot, params, batch, head,
-                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale),
-        mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
+                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
+    if constexpr (kExtras == ExtrasLevel::kVisibility) visibility_extras = shared;
+    classify_tiles<Traits::kNThreads, kBlockM, false>(
+        shared, mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
         m_block_end, tile_states);
   }
-  const Extras& extras = *extras_slot;  // read only by the extras variants
+  const Extras& extras = cta_extras<kExtras>(extras_slot, visibility_extras);
   const DbiasWriter dbias =
       kExtras == ExtrasLevel::kAll ? DbiasWriter::make(params, batch, head) : DbiasWriter{};
 
@@ -682,13 +685,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   uint8_t* tile_states = smem + Traits::kSmemBytesDq + kExtrasSmemBytes;
 
   const int states_begin = n_block_begin;
+  Extras visibility_extras{};
   if constexpr (kAnyExtras) {
-    classify_tiles<Traits::kNThreads, kBlockN, true>(
+    const Extras& shared =
         share_extras(extras_slot, params, batch, head,
-                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale),
-        mask, row_begin, row_end, kBlockM, n_block_begin, n_block_end, tile_states);
+                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
+    if constexpr (kExtras == ExtrasLevel::kVisibility) visibility_extras = shared;
+    classify_tiles<Traits::kNThreads, kBlockN, true>(shared, mask, row_begin, row_end, kBlockM,
+                                                     n_block_begin, n_block_end, tile_states);
   }
-  const Extras& extras = *extras_slot;  // read only by the extras variants
+  const Extras& extras = cta_extras<kExtras>(extras_slot, visibility_extras);
 
   using SmemLayoutKV = typename Traits::SmemLayoutKV;
   Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});

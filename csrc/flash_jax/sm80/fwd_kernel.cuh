@@ -200,12 +200,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   Extras* extras_slot = reinterpret_cast<Extras*>(smem + Traits::kSmemBytes);
   uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes + kExtrasSmemBytes;
   const int states_begin = n_block_begin;
+  Extras visibility_extras{};
   if constexpr (kAnyExtras) {
-    classify_tiles<Traits::kNThreads, kBlockN, true>(
-        share_extras(extras_slot, params, batch, head, scales.scale), mask, row_begin, row_end,
-        kBlockM, n_block_begin, n_block_end, tile_states);
+    const Extras& shared = share_extras(extras_slot, params, batch, head, scales.scale);
+    if constexpr (!kScoreExtras) visibility_extras = shared;
+    classify_tiles<Traits::kNThreads, kBlockN, true>(shared, mask, row_begin, row_end, kBlockM,
+                                                     n_block_begin, n_block_end, tile_states);
   }
-  const Extras& extras = *extras_slot;  // read only by the extras variants
+  // Read only by the extras variants; see cta_extras.
+  const Extras& extras = cta_extras<kExtras>(extras_slot, visibility_extras);
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(thread);
