@@ -1,7 +1,8 @@
 """Attention benchmark: flash_jax beside jax.nn.dot_product_attention ("xla", "cudnn").
 
 All implementations run in one process on the same random inputs (DESIGN.md §7; the points of
-long and memory run in fresh processes, on the same seeded inputs). Suites:
+long and memory, and xla at grid points with over 16 GiB of scores, run in fresh processes, on
+the same seeded inputs). Suites:
 
   grid     b * s = 16384 tokens, hidden 2048 (h = 2048 / d), s = 512 .. 16384, d in {64, 128},
            causal and not, bfloat16 and float16; modes fwd, bwd, fwd+bwd.
@@ -194,9 +195,23 @@ def seed_points(args, suite="seed", default_seqs=(128, 256, 512, 1024, 2048, 409
 # --- the work of each suite ----------------------------------------------------------------------
 
 
+# Standard attention whose float32 score matrix exceeds this size runs in its own process: on an
+# H200 (jax 0.11.2) xla at d64 s16384 fwd+bwd (32 GiB of scores) aborted the whole process in
+# XLA's allocator instead of raising an out-of-memory error (benchmarks/NOTES.md, session 4).
+XLA_ISOLATED_SCORE_BYTES = 16 * 2**30
+
+
 def grid_work(args):
-  return [Work(p, c, m, "none", args.impls, False)
-          for p in grid_points(args) for c in args.causal for m in args.modes]
+  works = []
+  for point in grid_points(args):
+    scores = 4 * point["batch"] * point["heads"] * point["seq"] ** 2
+    alone = [i for i in args.impls if i == "xla" and scores > XLA_ISOLATED_SCORE_BYTES]
+    together = [i for i in args.impls if i not in alone]
+    for causal in args.causal:
+      for mode in args.modes:
+        works += [Work(point, causal, mode, "none", impls, isolated)
+                  for impls, isolated in ((together, False), (alone, True)) if impls]
+  return works
 
 
 def seed_work(args):
