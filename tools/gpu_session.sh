@@ -171,7 +171,8 @@ for step in "$@"; do
     profile)
       # Nsight Compute: stall reasons, pipe use and scheduler statistics of one launch of each
       # main-loop kernel (tools/profile_kernels.py says which); the report comes back too.
-      ncu --kernel-name regex:'fwd_kernel|dkdv_kernel' --launch-count 4 \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      ncu --kernel-name regex:'fwd_kernel|dkdv_kernel' --launch-count 6 \
         --section LaunchStats --section Occupancy --section SpeedOfLight \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section SchedulerStats --section WarpStateStats --section InstructionStats \
