@@ -362,6 +362,11 @@ def test_ring_attention_bad_arguments():
     call(axis_name="seq", layout="striped")
   with pytest.raises(ValueError, match="`axis_name` 'nope' is not a mapped axis"):
     call(axis_name="nope")
+  lengths = jnp.full((4,), 8, jnp.int32)
+  with pytest.raises(NotImplementedError, match="q_lengths/kv_lengths with the zigzag layout"):
+    call(axis_name="seq", causal=True, layout="zigzag", q_lengths=lengths, kv_lengths=lengths)
+  with pytest.raises(ValueError, match="`window` sizes must be >= -1"):
+    call(axis_name="seq", window=(-2, 3))
   with pytest.raises(ValueError, match="local sequence lengths must be even, got 1"):
     jax.jit(shard_map(lambda q, k, v: flash_jax.ring_attention(
         q, k, v, axis_name="seq", causal=True, layout="zigzag"), make_mesh((8,), ("seq",)),
