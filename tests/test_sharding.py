@@ -329,6 +329,23 @@ def test_sequence_sharding_with_window_and_alibi_runs_ring_attention():
   assert "all-gather" not in text and "all-to-all" not in text
 
 
+def test_sequence_sharded_varlen_runs_ring_attention():
+  """attention_varlen's packed tokens sharded over the sequence: their positions travel with the
+  chunks around the ring."""
+  keys = jax.random.split(jax.random.key(5), 4)
+  q, k, v, dout = (jax.random.normal(key, (32, 4, 16), jnp.float32) for key in keys)
+  cu_seqlens = jnp.array([0, 5, 19, 30], jnp.int32)
+  run = forward_backward(functools.partial(
+      flash_jax.attention_varlen, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+      max_seqlen_q=14, max_seqlen_k=14, causal=True, window=(3, -1)))
+  expected = jax.jit(run)(q, k, v, dout)
+  spec = NamedSharding(make_mesh((4,), ("seq",)), P("seq"))
+  outputs, text = compile_and_run(jax.jit(run, in_shardings=(spec,) * 4,
+                                          out_shardings=(spec,) * 4), q, k, v, dout)
+  assert_close(outputs, expected)
+  assert "collective-permute" in text and "all-gather" not in text
+
+
 def test_ring_attention_in_pmap():
   q, k, v, _ = inputs(batch=2, kv_heads=4)
   expected = flash_jax.attention(q, k, v, causal=True)
