@@ -66,6 +66,15 @@ def forward_backward(attention):
   return run
 
 
+def jitted_outputs_and_grads(attention, dout, dlse):
+  """jit of (q, k, v) -> (out, lse, dq, dk, dv), where `attention(q, k, v)` returns (out, lse)
+  and the cotangents are (dout, dlse)."""
+  def run(q, k, v):
+    outputs, vjp = jax.vjp(attention, q, k, v)
+    return outputs + tuple(vjp((dout, dlse)))
+  return jax.jit(run)
+
+
 def assert_close(actual, expected):
   for a, e in zip(actual, expected):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOLERANCE)
@@ -119,11 +128,15 @@ def test_batch_and_head_sharding_match_one_device(partitioner_name, layout):
   assert collectives(text) <= allowed, collectives(text)
 
 
-@pytest.mark.parametrize("partitioner_name,causal",
-                         [("shardy", False), ("shardy", True), ("gspmd", True)])
-def test_sequence_sharding_runs_ring_attention(partitioner_name, causal):
+@pytest.mark.parametrize("partitioner_name,options",
+                         [("shardy", "plain"), ("shardy", "causal"), ("gspmd", "causal"),
+                          ("shardy", "causal_window_alibi")])
+def test_sequence_sharding_runs_ring_attention(partitioner_name, options):
   q, k, v, dout = inputs(kv_heads=4)
-  run = forward_backward(functools.partial(flash_jax.attention, causal=causal))
+  options = {"plain": {}, "causal": dict(causal=True),
+             "causal_window_alibi": dict(causal=True, window=(7, -1),
+                                         alibi_slopes=jnp.linspace(0.1, 0.8, 8))}[options]
+  run = forward_backward(functools.partial(flash_jax.attention, **options))
   expected = jax.jit(run)(q, k, v, dout)
   spec = P("data", "seq")
   with partitioner(partitioner_name):
@@ -238,12 +251,7 @@ def test_ring_attention_matches_one_device(case):
       out, lse = ring(*(flash_jax.zigzag_shard(x, num) for x in (q, k, v)))
       return flash_jax.zigzag_unshard(out, num), flash_jax.zigzag_unshard(lse, num, axis=2)
 
-  def run(attention):
-    def f(q, k, v):
-      outputs, vjp = jax.vjp(attention, q, k, v)
-      return outputs + tuple(vjp((dout, dlse)))
-    return jax.jit(f)
-
+  run = functools.partial(jitted_outputs_and_grads, dout=dout, dlse=dlse)
   outputs, text = compile_and_run(run(ring), q, k, v)
   assert_close(outputs, run(reference)(q, k, v))
   assert "collective-permute" in text
@@ -305,28 +313,10 @@ def test_ring_attention_options_match_one_device(case):
                     replicated)
     return unorder(out), unorder(lse, 2)
 
-  def run(attention):
-    def f(q, k, v):
-      outputs, vjp = jax.vjp(attention, q, k, v)
-      return outputs + tuple(vjp((dout, dlse)))
-    return jax.jit(f)
-
+  run = functools.partial(jitted_outputs_and_grads, dout=dout, dlse=dlse)
   outputs, text = compile_and_run(run(ring_global), q, k, v)
   assert_close(outputs, run(reference)(q, k, v))
   assert "collective-permute" in text
-
-
-def test_sequence_sharding_with_window_and_alibi_runs_ring_attention():
-  q, k, v, dout = inputs(kv_heads=4)
-  run = forward_backward(functools.partial(
-      flash_jax.attention, causal=True, window=(7, -1), alibi_slopes=jnp.linspace(0.1, 0.8, 8)))
-  expected = jax.jit(run)(q, k, v, dout)
-  spec = P("data", "seq")
-  outputs, text = compile_and_run(sharded(run, make_mesh((2, 4), ("data", "seq")), spec, spec),
-                                  q, k, v, dout)
-  assert_close(outputs, expected)
-  assert "collective-permute" in text
-  assert "all-gather" not in text and "all-to-all" not in text
 
 
 def test_sequence_sharded_varlen_runs_ring_attention():
