@@ -63,8 +63,8 @@ def needs_global_positions(config: AttentionConfig, seq_q: int, seq_k: int) -> b
       (config.causal and seq_q != seq_k))
 
 
-def unsupported_reason(config: AttentionConfig, seq_q: int, seq_k: int, layout: str):
-  """Why the ring cannot compute `config` (None when it can). seq_q/seq_k are local lengths."""
+def unsupported_reason(config: AttentionConfig, layout: str):
+  """Why the ring cannot compute `config` in `layout` (None when it can)."""
   extra = [name for name in config.operands if name not in RING_OPERANDS]
   if extra:
     return f"optional operands {extra} (the ring supports {list(RING_OPERANDS)})"
@@ -72,9 +72,6 @@ def unsupported_reason(config: AttentionConfig, seq_q: int, seq_k: int, layout: 
     return "q_lengths/kv_lengths with the zigzag layout"
   if config.dropout_rate:
     return "dropout"
-  halves = config.causal or needs_global_positions(config, seq_q, seq_k)
-  if layout == "zigzag" and halves and (seq_q % 2 or seq_k % 2):
-    return f"the zigzag layout with an odd local sequence length ({seq_q} and {seq_k})"
   return None
 
 
@@ -479,7 +476,7 @@ def ring_attention(query, key, value, *, axis_name, causal=False, softmax_scale=
       causal or needs_global_positions(config, seq_q, seq_k)):
     raise ValueError("ring_attention: layout='zigzag' holds two chunks per device, so the local "
                      f"sequence lengths must be even, got {seq_q} and {seq_k}")
-  reason = unsupported_reason(config, seq_q, seq_k, layout)
+  reason = unsupported_reason(config, layout)
   if reason is not None:
     raise NotImplementedError(f"ring_attention: {reason} is not supported")
   out, lse = _ring_attention(config, Ring(axis, size, layout), query, key, value,

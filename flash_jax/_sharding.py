@@ -176,8 +176,8 @@ def _plan(kind, config, shapes, mesh, specs, strict=True):
   shards = _size(mesh, seq_axes)
   if query_spec[1] and not key_spec[1] and not _positional(config) and seq_q % shards == 0:
     return dataclasses.replace(plan, seq_q=seq_axes)
-  if (seq_q % shards == 0 and seq_k % shards == 0 and _ring.unsupported_reason(
-      config, seq_q // shards, seq_k // shards, "contiguous") is None):
+  if (seq_q % shards == 0 and seq_k % shards == 0 and
+      _ring.unsupported_reason(config, "contiguous") is None):
     return dataclasses.replace(plan, seq_q=seq_axes, seq_k=seq_axes, ring=True)
   return plan
 
