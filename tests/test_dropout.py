@@ -36,6 +36,42 @@ def test_matches_reference_with_the_same_key(device_kind, dtype, causal):
                          atol=1e-2)
 
 
+# The CUDA kernels draw dropout in two variants (csrc/flash_jax/params.h): kDropout when only
+# the index band comes with it (causal, window, lengths, GQA), kAll beside segment ids, masks,
+# bias, ALiBi or softcap; each with the atomic and the deterministic backward. Sequences of
+# several key and query blocks, so that blocks and their Philox counters are stitched together.
+_LENGTHS = dict(q_lengths=np.array([150, 200], np.int32), kv_lengths=np.array([333, 97], np.int32))
+_IDS = dict(q_segment_ids=np.repeat(np.array([[0, 1], [0, 0]], np.int32), [80, 120], axis=1),
+            kv_segment_ids=np.repeat(np.array([[0, 1], [0, 0]], np.int32), [150, 183], axis=1))
+_KERNEL_VARIANT_CASES = {
+    "alone_fp16_d64": ("float16", 64, 4, {}),
+    "lengths_window_gqa_d128": ("bfloat16", 128, 1, dict(window=(70, 5), **_LENGTHS)),
+    "causal_deterministic": ("bfloat16", 64, 2, dict(causal=True, deterministic=True)),
+    "segment_ids": ("bfloat16", 64, 2, _IDS),
+    "softcap_deterministic": ("float16", 96, 2, dict(softcap=5.0, deterministic=True)),
+}
+
+
+@pytest.mark.parametrize("case", [gpu_param(name) for name in _KERNEL_VARIANT_CASES])
+def test_kernel_variants_match_the_reference(case):
+  dtype, head_dim, kv_heads, options = _KERNEL_VARIANT_CASES[case]
+  q, k, v, dout, dlse = random_inputs(8, 2, 200, 333, 4, kv_heads, head_dim, jnp.dtype(dtype))
+  kwargs = dict(options, dropout_rate=RATE, dropout_rng=jax.random.key(11))
+  kwargs = {name: jnp.asarray(value) if isinstance(value, np.ndarray) else value
+            for name, value in kwargs.items()}
+
+  @jax.jit
+  def run(q, k, v, dout, dlse):
+    f = lambda q, k, v: flash_jax.attention(q, k, v, return_lse=True, **kwargs)
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    return (out, lse) + vjp((dout, dlse))
+
+  outputs = run(*jax.device_put((q, k, v, dout, dlse), jax.devices("gpu")[0]))
+  ref = reference_outputs(q, k, v, dout, dlse, precision="float64", **kwargs)
+  base = reference_outputs(q, k, v, dout, dlse, precision="input", **kwargs)
+  assert_matches(outputs, ref, base)
+
+
 def test_kept_fraction():
   for rate in (0.1, 0.5):
     kept = flash_jax.dropout_mask(jax.random.key(0), 2, 4, 256, 256, rate)

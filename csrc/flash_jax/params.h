@@ -93,22 +93,34 @@ constexpr int kMaskCell = 16;
 constexpr uint8_t kMaskCellAny = 1;  // some entry of the cell is kept
 constexpr uint8_t kMaskCellAll = 2;  // every entry of the cell (inside the sequences) is kept
 
-// Which extras kernel variant a call needs. Two variants instead of one so that the common
-// masking cases (segment ids, varlen positions, dense masks) do not carry the registers of the
-// score modifiers: with them the backward dK/dV kernel spilled 330-400 bytes at head_dim 128 and
-// one-document segment ids cost +56% fwd+bwd over none (benchmarks/NOTES.md, session 2).
+// Which extras kernel variant a call needs. Several variants instead of one so that the common
+// cases do not carry the registers and code of the rest: with every score modifier the backward
+// dK/dV kernel spilled 330-400 bytes at head_dim 128 and one-document segment ids cost +56%
+// fwd+bwd over none (benchmarks/NOTES.md, session 2); with dropout alone it ran at 2x the plain
+// kernel with 1.8x its instructions and instruction-cache stalls (session 4).
 //   kVisibility: segment ids, positions, dense mask (tile states, per-element visibility).
 //   kAll:        also bias (+ dbias), ALiBi and dropout; softcap is a run-time branch there,
-//                so that each extras translation unit instantiates two variants, not four.
-enum class ExtrasLevel : int { kNone = 0, kVisibility = 1, kAll = 2 };
+//                so that each extras translation unit instantiates three variants, not six.
+//   kDropout:    dropout with neither of the above nor softcap: the plain kernels' loops (causal,
+//                windows and lengths through the index band) plus the draws, kept in registers.
+enum class ExtrasLevel : int { kNone = 0, kVisibility = 1, kAll = 2, kDropout = 3 };
+
+// The variants that classify their tiles into shared memory before the main loop.
+constexpr bool classifies_tiles(ExtrasLevel level) {
+  return level == ExtrasLevel::kVisibility || level == ExtrasLevel::kAll;
+}
+constexpr bool draws_dropout(ExtrasLevel level) {
+  return level == ExtrasLevel::kAll || level == ExtrasLevel::kDropout;
+}
 
 inline ExtrasLevel extras_level(const AttentionParams& p) {
-  if (p.bias != nullptr || p.alibi_slopes != nullptr || p.dropout_seeds != nullptr) {
-    return ExtrasLevel::kAll;
+  const bool visibility =
+      p.q_segment_ids != nullptr || p.q_positions != nullptr || p.mask != nullptr;
+  if (p.bias != nullptr || p.alibi_slopes != nullptr) return ExtrasLevel::kAll;
+  if (p.dropout_seeds != nullptr) {
+    return visibility || p.softcap > 0.f ? ExtrasLevel::kAll : ExtrasLevel::kDropout;
   }
-  if (p.q_segment_ids != nullptr || p.q_positions != nullptr || p.mask != nullptr) {
-    return p.softcap > 0.f ? ExtrasLevel::kAll : ExtrasLevel::kVisibility;
-  }
+  if (visibility) return p.softcap > 0.f ? ExtrasLevel::kAll : ExtrasLevel::kVisibility;
   return ExtrasLevel::kNone;
 }
 

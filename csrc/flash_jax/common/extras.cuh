@@ -39,6 +39,65 @@ __device__ __forceinline__ uint4 philox4x32(uint4 counter, uint2 key) {
   return counter;
 }
 
+// Dropout draws of one (batch, head): the Philox key of the batch row and the threshold below
+// which a 16-bit draw drops its entry.
+struct DropoutDraws {
+  uint2 seed;
+  uint32_t threshold;
+  uint32_t head;
+
+  __device__ static DropoutDraws make(const AttentionParams& p, int batch, int head) {
+    DropoutDraws d;
+    d.seed = p.dropout_seeds != nullptr
+                 ? make_uint2(p.dropout_seeds[2 * batch], p.dropout_seeds[2 * batch + 1])
+                 : make_uint2(0, 0);
+    d.threshold = p.dropout_threshold;
+    d.head = static_cast<uint32_t>(head);
+    return d;
+  }
+
+  // Dropout keep bits of a tile's accumulator in the (rows, cols) view of an m16n8 accumulator
+  // ((row half, MMA_M), (column pair element, MMA_N)): bit r * cols + c of `bits` is entry (r, c).
+  // One Philox call yields the draws of rows {R, R + 8} (R % 16 < 8) x columns {2t, 2t + 1,
+  // 2t + 8, 2t + 9} of a 16-column span: a thread's entries of kPairsPerCall (1 or 2) successive
+  // MMA_N atoms, which the caller guarantees lie 8 columns apart in one span for 2.
+  template <int kPairsPerCall, int kWords, typename CoordsRowCol>
+  __device__ void keep_bits(const CoordsRowCol& coords, int row_offset, int col_offset,
+                            uint32_t (&bits)[kWords]) const {
+    constexpr int kRows = decltype(cute::size<0>(coords))::value;
+    constexpr int kCols = decltype(cute::size<1>(coords))::value;
+    static_assert(kRows % 2 == 0 && kCols % (2 * kPairsPerCall) == 0, "m16n8 accumulator view");
+    static_assert(kWords * 32 >= kRows * kCols, "bit words");
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) bits[w] = 0;
+#pragma unroll
+    for (int m = 0; m < kRows / 2; ++m) {
+      const int row = row_offset + static_cast<int>(cute::get<0>(coords(2 * m, 0)));
+      const uint32_t row_counter = uint32_t(row >> 4) * 8 + uint32_t(row & 7);
+#pragma unroll
+      for (int n = 0; n < kCols / (2 * kPairsPerCall); ++n) {
+        const int first_col = col_offset + static_cast<int>(cute::get<1>(coords(0, 2 * kPairsPerCall * n)));
+        const uint32_t col_counter = uint32_t(first_col >> 4) * 4 + uint32_t((first_col >> 1) & 3);
+        const uint4 draw = philox4x32(make_uint4(col_counter, row_counter, head, 0), seed);
+#pragma unroll
+        for (int j = 0; j < 2 * kPairsPerCall; ++j) {
+          const int c = 2 * kPairsPerCall * n + j;
+          const int col = col_offset + static_cast<int>(cute::get<1>(coords(0, c)));
+          const bool high_pair = (col >> 3) & 1;
+          const bool odd = col & 1;
+          const uint32_t word = high_pair ? (odd ? draw.w : draw.z) : (odd ? draw.y : draw.x);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const uint32_t value = half ? word >> 16 : word & 0xFFFFu;
+            const int index = (2 * m + half) * kCols + c;
+            if (value >= threshold) bits[index / 32] |= 1u << (index % 32);
+          }
+        }
+      }
+    }
+  }
+};
+
 enum TileState : uint8_t { kTileSkip = 0, kTilePartial = 1, kTileFull = 2 };
 
 struct Extras {
@@ -60,10 +119,8 @@ struct Extras {
   float alibi_slope;        // 0 without ALiBi
   int diagonal_offset;      // ALiBi's diagonal without positions
   float inv_logit_scale;
-  uint2 seed;               // dropout key of this batch row
-  uint32_t dropout_threshold;
+  DropoutDraws draws;
   bool dropout;
-  int head;
 
   __device__ static Extras make(const AttentionParams& p, int batch, int head,
                                 float logit_scale) {
@@ -105,10 +162,7 @@ struct Extras {
     x.diagonal_offset = p.causal_top_left ? 0 : p.seqlen_k - p.seqlen_q;
     x.inv_logit_scale = 1.f / logit_scale;
     x.dropout = p.dropout_seeds != nullptr;
-    x.seed = x.dropout ? make_uint2(p.dropout_seeds[2 * batch], p.dropout_seeds[2 * batch + 1])
-                       : make_uint2(0, 0);
-    x.dropout_threshold = p.dropout_threshold;
-    x.head = head;
+    x.draws = DropoutDraws::make(p, batch, head);
     return x;
   }
 
@@ -166,50 +220,9 @@ struct Extras {
       if (row < seqlen_q && col < seqlen_k) scores(i) += offset(row, col);
     }
   }
-
-  // Dropout keep bits of a tile's accumulator in the (rows, cols) view of an m16n8 accumulator
-  // ((row half, MMA_M), (column pair element, MMA_N)): bit r * cols + c of `bits` is entry (r, c).
-  // One Philox call yields the draws of rows {R, R + 8} (R % 16 < 8) x columns {2t, 2t + 1,
-  // 2t + 8, 2t + 9} of a 16-column span: a thread's entries of kPairsPerCall (1 or 2) successive
-  // MMA_N atoms, which the caller guarantees lie 8 columns apart in one span for 2.
-  template <int kPairsPerCall, int kWords, typename CoordsRowCol>
-  __device__ void keep_bits(const CoordsRowCol& coords, int row_offset, int col_offset,
-                            uint32_t (&bits)[kWords]) const {
-    constexpr int kRows = decltype(cute::size<0>(coords))::value;
-    constexpr int kCols = decltype(cute::size<1>(coords))::value;
-    static_assert(kRows % 2 == 0 && kCols % (2 * kPairsPerCall) == 0, "m16n8 accumulator view");
-    static_assert(kWords * 32 >= kRows * kCols, "bit words");
-#pragma unroll
-    for (int w = 0; w < kWords; ++w) bits[w] = 0;
-#pragma unroll
-    for (int m = 0; m < kRows / 2; ++m) {
-      const int row = row_offset + static_cast<int>(cute::get<0>(coords(2 * m, 0)));
-      const uint32_t row_counter = uint32_t(row >> 4) * 8 + uint32_t(row & 7);
-#pragma unroll
-      for (int n = 0; n < kCols / (2 * kPairsPerCall); ++n) {
-        const int first_col = col_offset + static_cast<int>(cute::get<1>(coords(0, 2 * kPairsPerCall * n)));
-        const uint32_t col_counter = uint32_t(first_col >> 4) * 4 + uint32_t((first_col >> 1) & 3);
-        const uint4 draw = philox4x32(make_uint4(col_counter, row_counter, head, 0), seed);
-#pragma unroll
-        for (int j = 0; j < 2 * kPairsPerCall; ++j) {
-          const int c = 2 * kPairsPerCall * n + j;
-          const int col = col_offset + static_cast<int>(cute::get<1>(coords(0, c)));
-          const bool high_pair = (col >> 3) & 1;
-          const bool odd = col & 1;
-          const uint32_t word = high_pair ? (odd ? draw.w : draw.z) : (odd ? draw.y : draw.x);
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t value = half ? word >> 16 : word & 0xFFFFu;
-            const int index = (2 * m + half) * kCols + c;
-            if (value >= dropout_threshold) bits[index / 32] |= 1u << (index % 32);
-          }
-        }
-      }
-    }
-  }
 };
 
-// The extras variants build their CTA's Extras once in shared memory, after the tiles and before
+// The variants that classify tiles build their CTA's Extras once in shared memory, after the tiles and before
 // the tile states. kAll then reads it from there in the main loop (its ~25 words of pointers,
 // strides and seed otherwise stay live in registers: the kAll dK/dV kernel spilled 384-396
 // bytes at d128 on sm_90, 152 with this, and the d128 forward with dropout went from +50% to
@@ -233,6 +246,55 @@ __device__ __forceinline__ const Extras& cta_extras(const Extras* shared,
     return *shared;
   } else {
     return in_registers;
+  }
+}
+
+// Where the dropout variants' kernels read their draws. kAll: inside its shared Extras. kDropout:
+// the forward has thread 0 write them to `slot` (kDropoutDrawsSmemBytes after the tiles), the
+// backward builds them in registers. Measured (ptxas, sm_90, d128 bf16, spill stores/loads): the
+// forward 140/196 bytes with them in registers, 0 in shared memory (plain: 72/124); the atomic
+// dK/dV kernel 88/88 in registers, 128/128 in shared memory (plain: 12/12).
+constexpr int kDropoutDrawsSmemBytes = (sizeof(DropoutDraws) + 15) / 16 * 16;
+
+template <ExtrasLevel kLevel>
+__device__ __forceinline__ const DropoutDraws& shared_draws(const Extras& extras,
+                                                            DropoutDraws* slot,
+                                                            const AttentionParams& p, int batch,
+                                                            int head) {
+  if constexpr (kLevel == ExtrasLevel::kDropout) {
+    if (threadIdx.x == 0) *slot = DropoutDraws::make(p, batch, head);
+    __syncthreads();
+    return *slot;
+  } else {
+    return extras.draws;
+  }
+}
+
+template <ExtrasLevel kLevel>
+__device__ __forceinline__ const DropoutDraws& register_draws(const Extras& extras,
+                                                              const DropoutDraws& in_registers) {
+  if constexpr (kLevel == ExtrasLevel::kDropout) {
+    return in_registers;
+  } else {
+    return extras.draws;
+  }
+}
+
+// Dynamic shared memory the variants that classify tiles need after their tiles: the Extras and
+// one state per walked block.
+template <ExtrasLevel kLevel>
+inline int tile_state_smem_bytes(int walked_blocks) {
+  return classifies_tiles(kLevel) ? kExtrasSmemBytes + (walked_blocks + 15) / 16 * 16 : 0;
+}
+
+template <ExtrasLevel kLevel>
+__device__ __forceinline__ bool dropout_active(const Extras& extras) {
+  if constexpr (kLevel == ExtrasLevel::kDropout) {
+    return true;
+  } else if constexpr (kLevel == ExtrasLevel::kAll) {
+    return extras.dropout;
+  } else {
+    return false;
   }
 }
 
@@ -403,6 +465,24 @@ __device__ __forceinline__ void classify_tiles(const Extras& x, const KeyRangeMa
   const int last = visible_block_at_or_below(states, states_begin, block_end - 1);
   block_begin = visible_block_at_or_above(states, states_begin, block_end, block_begin);
   block_end = last < block_begin ? block_begin : last + 1;
+}
+
+// The prologue of the variants that classify tiles (no-op for the others): the CTA's Extras in
+// shared memory (`slot`; copied to `in_registers` by kVisibility, see cta_extras), then the
+// states of the walked blocks (classify_tiles). Every thread calls it.
+template <ExtrasLevel kLevel, int kThreads, int kWalkBlock, bool kWalkKeys>
+__device__ __forceinline__ void prepare_extras(Extras* slot, Extras& in_registers,
+                                               const AttentionParams& p, int batch, int head,
+                                               float logit_scale, const KeyRangeMask& band,
+                                               int fixed_begin, int fixed_end, int fixed_block,
+                                               int& block_begin, int& block_end,
+                                               uint8_t* states) {
+  if constexpr (classifies_tiles(kLevel)) {
+    const Extras& shared = share_extras(slot, p, batch, head, logit_scale);
+    if constexpr (kLevel == ExtrasLevel::kVisibility) in_registers = shared;
+    classify_tiles<kThreads, kWalkBlock, kWalkKeys>(shared, band, fixed_begin, fixed_end,
+                                                    fixed_block, block_begin, block_end, states);
+  }
 }
 
 }  // namespace flash_jax

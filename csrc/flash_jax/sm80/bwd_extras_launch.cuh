@@ -1,5 +1,5 @@
 // Host launcher of the sm80 backward extras variants' main kernels (segment ids, positions, dense
-// mask, bias, ALiBi, dropout; the two levels of params.h); see launch.h. Included only by the
+// mask, bias, ALiBi, dropout; the levels of params.h); see launch.h. Included only by the
 // extras instantiation files.
 #pragma once
 
@@ -17,6 +17,8 @@ std::string launch_bwd_extras_main(const BwdParams& params, int smem_limit, cuda
       return bwd::launch_main<Traits, false, ExtrasLevel::kVisibility>(params, smem_limit, stream);
     case ExtrasLevel::kAll:
       return bwd::launch_main<Traits, false, ExtrasLevel::kAll>(params, smem_limit, stream);
+    case ExtrasLevel::kDropout:
+      return bwd::launch_main<Traits, false, ExtrasLevel::kDropout>(params, smem_limit, stream);
     default:
       return "backward: the extras launcher was called without extras";
   }

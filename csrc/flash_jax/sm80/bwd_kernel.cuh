@@ -23,10 +23,11 @@
 // contribute nothing and their gradients are zero.
 //
 // kExtras (params.h): kVisibility for segment ids, positions and a dense mask; kAll adds bias,
-// ALiBi, dropout and a run-time softcap. Each CTA classifies the tiles it walks into shared
-// memory first (classify_tiles) and visits only visible ones. Dropout: dS = P * (dP * keep / (1 - rate) - D) and dV accumulates the kept P
-// (scaled by 1 / (1 - rate) at the end). The dK/dV kernel also writes dbias = dL/dlogit, the
-// dS before the softcap factor.
+// ALiBi, dropout and a run-time softcap. With these two each CTA classifies the tiles it walks
+// into shared memory first (classify_tiles) and visits only visible ones. kDropout: the plain
+// loops plus dropout. Dropout: dS = P * (dP * keep / (1 - rate) - D) and dV accumulates the kept
+// P (scaled by 1 / (1 - rate) at the end). At kAll the dK/dV kernel also writes dbias =
+// dL/dlogit, the dS before the softcap factor.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -179,14 +180,14 @@ __device__ __forceinline__ void row_stats_from_smem(const float* smem_lse, const
 // once to dK and dQ at the end). With softcap the logit is softcap * t, t = tanh(q.k * scale /
 // softcap), and the extra factor is 1 - t^2; masked entries (t = -inf, P = 0) clamp it to 0 so
 // that 0 * inf never appears.
-// With extras, tile_partial says that the tile needs the per-element visibility test; at kAll
-// dbias(row, col, dL/dlogit) receives every in-sequence entry's logit gradient. softcap_on is
+// With tile states, tile_partial says that the tile needs the per-element visibility test; at
+// kAll dbias(row, col, dL/dlogit) receives every in-sequence entry's logit gradient. softcap_on is
 // kSoftcap, or the run-time flag of the kAll variant.
 template <ExtrasLevel kExtras, int kRows, typename AccS, typename AccDp, typename Coords,
           typename DbiasSink>
 __device__ __forceinline__ void probs_and_dscores(
     AccS& acc_s, AccDp& acc_dp, const Coords& coords, const KeyRangeMask& mask,
-    const Extras& extras, bool tile_partial, bool softcap_on,
+    const Extras& extras, const DropoutDraws& draws, bool tile_partial, bool softcap_on,
     const Softcap& softcap, float scale_log2, const float (&lse_log2)[kRows],
     const float (&row_d)[kRows], int row_begin, int row_end, int col_begin, int col_block,
     float dropout_scale, const DbiasSink& dbias) {
@@ -200,18 +201,18 @@ __device__ __forceinline__ void probs_and_dscores(
   Tensor coords_rowcol = make_tensor(coords.data(), accum_rowcol_layout(coords.layout()));
   constexpr int kEntries = decltype(size(acc_s))::value;
   uint32_t keep[(kEntries + 31) / 32];
-  bool dropout = false, offsets = false;
-  if constexpr (kExtras != ExtrasLevel::kNone) {
+  bool offsets = false;
+  if constexpr (classifies_tiles(kExtras)) {
     if (tile_partial && extras.has_visibility()) {
       extras.apply_visibility(acc_s, coords, row_begin, col_begin);
     }
   }
-  if constexpr (kScoreExtras) {
-    offsets = extras.has_offsets();
-    dropout = extras.dropout;
-    // Successive n8 atoms of a thread lie 8 keys apart in one 16-key span (the kAll variant's
-    // TiledMmaSdPPairedKeys): one Philox call per pair.
-    if (dropout) extras.keep_bits<2>(coords_rowcol, row_begin, col_begin, keep);
+  if constexpr (kScoreExtras) offsets = extras.has_offsets();
+  const bool dropout = dropout_active<kExtras>(extras);
+  if constexpr (draws_dropout(kExtras)) {
+    // Successive n8 atoms of a thread lie 8 keys apart in one 16-key span (the dropout
+    // variants' TiledMmaSdPPairedKeys): one Philox call per pair.
+    if (dropout) draws.keep_bits<2>(coords_rowcol, row_begin, col_begin, keep);
   }
 #pragma unroll
   for (int r = 0; r < size<0>(scores); ++r) {
@@ -225,7 +226,7 @@ __device__ __forceinline__ void probs_and_dscores(
       if (kScoreExtras && offsets && inside) logit_score += extras.offset(row, col);
       float p = fast_exp2(logit_score * scale_log2 - lse_log2[r]);
       float dp = dscores(r, c);
-      if (kScoreExtras && dropout) {
+      if (draws_dropout(kExtras) && dropout) {
         const bool kept = bit_set(keep, r * size<1>(scores) + c);
         dp = kept ? dp * dropout_scale : 0.f;
         scores(r, c) = kept ? p : 0.f;
@@ -244,7 +245,7 @@ __device__ __forceinline__ void probs_and_dscores(
 
 // The S/dP product's warp layout: keys paired per warp where the variant may draw dropout.
 template <typename Traits, ExtrasLevel kExtras>
-using SdpMma = std::conditional_t<kExtras == ExtrasLevel::kAll,
+using SdpMma = std::conditional_t<draws_dropout(kExtras),
                                   typename Traits::TiledMmaSdPPairedKeys,
                                   typename Traits::TiledMmaSdP>;
 
@@ -308,8 +309,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_k = params.seqlen_k;
 
   const KeyRangeMask mask = KeyRangeMask::make(params, batch);
-  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
-  static_assert(!(kExtras == ExtrasLevel::kAll && kSoftcap), "kAll takes softcap at run time");
+  constexpr bool kTileStates = classifies_tiles(kExtras);
+  static_assert(!(kExtras != ExtrasLevel::kNone && kSoftcap),
+                "extras variants take softcap at run time (kAll) or not at all");
   const bool softcap_on = kSoftcap || (kExtras == ExtrasLevel::kAll && params.softcap > 0.f);
   const Softcap softcap = Softcap::make(params.softmax_scale, params.softcap);
   const float scale_log2 = SoftmaxScales::make(params.softmax_scale, params.softcap).scale_log2;
@@ -367,16 +369,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const int states_begin = m_block_begin;
   Extras visibility_extras{};
-  if constexpr (kAnyExtras) {
-    const Extras& shared =
-        share_extras(extras_slot, params, batch, head,
-                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
-    if constexpr (kExtras == ExtrasLevel::kVisibility) visibility_extras = shared;
-    classify_tiles<Traits::kNThreads, kBlockM, false>(
-        shared, mask, key_begin, min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin,
-        m_block_end, tile_states);
-  }
+  prepare_extras<kExtras, Traits::kNThreads, kBlockM, false>(
+      extras_slot, visibility_extras, params, batch, head,
+      SoftmaxScales::make(params.softmax_scale, params.softcap).scale, mask, key_begin,
+      min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin, m_block_end, tile_states);
   const Extras& extras = cta_extras<kExtras>(extras_slot, visibility_extras);
+  const DropoutDraws own_draws = kExtras == ExtrasLevel::kDropout
+                                     ? DropoutDraws::make(params, batch, head)
+                                     : DropoutDraws{};
+  const DropoutDraws& draws = register_draws<kExtras>(extras, own_draws);
   const DbiasWriter dbias =
       kExtras == ExtrasLevel::kAll ? DbiasWriter::make(params, batch, head) : DbiasWriter{};
 
@@ -510,8 +511,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int m_block = m_block_begin, next = 0; m_block < m_block_end; m_block = next, ++iteration) {
     const int stage = iteration & 1;
     const int row_begin = m_block * kBlockM;
-    next = kAnyExtras ? visible_block_at_or_above(tile_states, states_begin, m_block_end, m_block + 1)
-                   : m_block + 1;
+    next = kTileStates
+               ? visible_block_at_or_above(tile_states, states_begin, m_block_end, m_block + 1)
+               : m_block + 1;
 
     // The current stage has landed, and every thread is done with the previous iteration's
     // buffers (the other stage, P, dS).
@@ -539,8 +541,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     row_stats_from_smem(smem_lse + stage * kBlockM, smem_d + stage * kBlockM, coords_s_rowcol,
                         lse_log2, row_d);
     probs_and_dscores<kExtras>(
-        acc_s, acc_dp, coords_s, mask, extras,
-        kAnyExtras && tile_states[m_block - states_begin] == kTilePartial, softcap_on, softcap,
+        acc_s, acc_dp, coords_s, mask, extras, draws,
+        kTileStates && tile_states[m_block - states_begin] == kTilePartial, softcap_on, softcap,
         scale_log2, lse_log2, row_d, row_begin, min(row_begin + kBlockM, seqlen_q), key_begin,
         kBlockN, params.dropout_scale, dbias);
 
@@ -581,8 +583,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // memory (the Q and dO stages) to coalesced 16-byte global stores.
 #pragma unroll
   for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= params.softmax_scale;
-  if constexpr (kExtras == ExtrasLevel::kAll) {
-    if (extras.dropout) {
+  if constexpr (draws_dropout(kExtras)) {
+    if (dropout_active<kExtras>(extras)) {
 #pragma unroll
       for (int i = 0; i < size(acc_dv); ++i) acc_dv(i) *= params.dropout_scale;
     }
@@ -638,8 +640,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_k = params.seqlen_k;
 
   const KeyRangeMask mask = KeyRangeMask::make(params, batch);
-  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
-  static_assert(!(kExtras == ExtrasLevel::kAll && kSoftcap), "kAll takes softcap at run time");
+  constexpr bool kTileStates = classifies_tiles(kExtras);
+  static_assert(!(kExtras != ExtrasLevel::kNone && kSoftcap),
+                "extras variants take softcap at run time (kAll) or not at all");
   const bool softcap_on = kSoftcap || (kExtras == ExtrasLevel::kAll && params.softcap > 0.f);
   const Softcap softcap = Softcap::make(params.softmax_scale, params.softcap);
   const float scale_log2 = SoftmaxScales::make(params.softmax_scale, params.softcap).scale_log2;
@@ -686,15 +689,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const int states_begin = n_block_begin;
   Extras visibility_extras{};
-  if constexpr (kAnyExtras) {
-    const Extras& shared =
-        share_extras(extras_slot, params, batch, head,
-                     SoftmaxScales::make(params.softmax_scale, params.softcap).scale);
-    if constexpr (kExtras == ExtrasLevel::kVisibility) visibility_extras = shared;
-    classify_tiles<Traits::kNThreads, kBlockN, true>(shared, mask, row_begin, row_end, kBlockM,
-                                                     n_block_begin, n_block_end, tile_states);
-  }
+  prepare_extras<kExtras, Traits::kNThreads, kBlockN, true>(
+      extras_slot, visibility_extras, params, batch, head,
+      SoftmaxScales::make(params.softmax_scale, params.softcap).scale, mask, row_begin, row_end,
+      kBlockM, n_block_begin, n_block_end, tile_states);
   const Extras& extras = cta_extras<kExtras>(extras_slot, visibility_extras);
+  const DropoutDraws own_draws = kExtras == ExtrasLevel::kDropout
+                                     ? DropoutDraws::make(params, batch, head)
+                                     : DropoutDraws{};
+  const DropoutDraws& draws = register_draws<kExtras>(extras, own_draws);
 
   using SmemLayoutKV = typename Traits::SmemLayoutKV;
   Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
@@ -781,8 +784,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int n_block = n_block_begin, next = 0; n_block < n_block_end; n_block = next, ++iteration) {
     const int stage = iteration & 1;
     const int key_begin = n_block * kBlockN;
-    next = kAnyExtras ? visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block + 1)
-                   : n_block + 1;
+    next = kTileStates
+               ? visible_block_at_or_above(tile_states, states_begin, n_block_end, n_block + 1)
+               : n_block + 1;
     cp_async_wait<0>();
     __syncthreads();
     if (next < n_block_end) {
@@ -801,8 +805,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
               smem_tiled_copy_a_sdp, smem_thr_copy_a_sdp, smem_tiled_copy_b_sdp,
               smem_thr_copy_b_sdp);
     probs_and_dscores<kExtras>(
-        acc_s, acc_dp, coords_s, mask, extras,
-        kAnyExtras && tile_states[n_block - states_begin] == kTilePartial, softcap_on, softcap,
+        acc_s, acc_dp, coords_s, mask, extras, draws,
+        kTileStates && tile_states[n_block - states_begin] == kTilePartial, softcap_on, softcap,
         scale_log2, lse_log2, row_d, row_begin, row_end, key_begin, kBlockN, params.dropout_scale,
         NoDbias{});
     Tensor ds_elem = make_tensor<Element>(acc_dp.layout());

@@ -127,10 +127,6 @@ std::string launch_row_kernel(Kernel kernel, const char* name, dim3 grid, cudaSt
   return "";
 }
 
-// Bytes the extras variants keep after their tiles: their Extras and one tile state per walked
-// block.
-inline int tile_state_bytes(int blocks) { return kExtrasSmemBytes + (blocks + 15) / 16 * 16; }
-
 // dK/dV (with atomic dQ) or, when deterministic, dK/dV then the dQ kernel, for one combination
 // of the template flags.
 template <typename Traits, bool kSoftcap, ExtrasLevel kExtras = ExtrasLevel::kNone>
@@ -139,9 +135,8 @@ std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t st
   const unsigned batch = params.batch;
   const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   const int query_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
-  const int dkdv_smem = Traits::kSmemBytesDkDv + (kAnyExtras ? tile_state_bytes(query_blocks) : 0);
-  const int dq_smem = Traits::kSmemBytesDq + (kAnyExtras ? tile_state_bytes(key_blocks) : 0);
+  const int dkdv_smem = Traits::kSmemBytesDkDv + tile_state_smem_bytes<kExtras>(query_blocks);
+  const int dq_smem = Traits::kSmemBytesDq + tile_state_smem_bytes<kExtras>(key_blocks);
   const dim3 key_grid(key_blocks, heads, batch);
   if (!params.deterministic) {
     return launch(dkdv_kernel<Traits, kSoftcap, true, kExtras>, "backward dK/dV/dQ",

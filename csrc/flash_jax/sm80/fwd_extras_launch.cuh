@@ -1,5 +1,5 @@
 // Host launcher of the sm80 forward extras variants (segment ids, positions, dense mask, bias,
-// ALiBi, dropout; the two levels of params.h); see launch.h. Included only by the extras instantiation files.
+// ALiBi, dropout; the levels of params.h); see launch.h. Included only by the extras instantiation files.
 #pragma once
 
 #include <string>
@@ -23,6 +23,9 @@ std::string launch_fwd_extras(const FwdParams& params, cudaStream_t stream) {
     case ExtrasLevel::kAll:
       return sm80::launch_fwd_kernel_variant<Traits, false, false, ExtrasLevel::kAll>(params,
                                                                                       stream);
+    case ExtrasLevel::kDropout:
+      return sm80::launch_fwd_kernel_variant<Traits, false, false, ExtrasLevel::kDropout>(params,
+                                                                                          stream);
     default:
       return "flash_jax forward: the extras launcher was called without extras";
   }

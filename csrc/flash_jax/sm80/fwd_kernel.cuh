@@ -159,9 +159,9 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 // q_lengths / kv_lengths need no flag: they only narrow the mask's extents, read once per CTA.
 // kExtras (params.h): kVisibility for segment ids, positions and a dense mask; kAll adds bias,
 // ALiBi and dropout, each a uniform run-time branch, and takes softcap at run time (kSoftcap is
-// then false). The CTA first classifies its key blocks into shared memory (after the tiles,
-// ceil(key blocks / 16) * 16 bytes), then walks only the visible ones: no dependent global load
-// per block. Not combined with kSplit.
+// then false). These two first classify the CTA's key blocks into shared memory (after the tiles,
+// ceil(key blocks / 16) * 16 bytes), then walk only the visible ones: no dependent global load
+// per block. kDropout keeps the plain loops and only adds the draws. Not combined with kSplit.
 template <typename Traits, bool kSplit, bool kSoftcap, ExtrasLevel kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_constant__ FwdParams params) {
   using namespace cute;
@@ -191,24 +191,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     n_block_begin = max(n_block_begin, split * blocks_per_split);
     n_block_end = min(n_block_end, (split + 1) * blocks_per_split);
   }
-  constexpr bool kAnyExtras = kExtras != ExtrasLevel::kNone;
+  constexpr bool kTileStates = classifies_tiles(kExtras);
   constexpr bool kScoreExtras = kExtras == ExtrasLevel::kAll;
-  static_assert(!(kAnyExtras && kSplit), "extras variants run without split-KV");
-  static_assert(!(kScoreExtras && kSoftcap), "the kAll variant takes softcap at run time");
+  static_assert(!(kExtras != ExtrasLevel::kNone && kSplit), "extras variants run without split-KV");
+  static_assert(!(kExtras != ExtrasLevel::kNone && kSoftcap),
+                "extras variants take softcap at run time (kAll) or not at all");
   const bool softcap_on = kSoftcap || (kScoreExtras && params.softcap > 0.f);
   const SoftmaxScales scales = SoftmaxScales::make(params.softmax_scale, params.softcap);
   Extras* extras_slot = reinterpret_cast<Extras*>(smem + Traits::kSmemBytes);
   uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes + kExtrasSmemBytes;
   const int states_begin = n_block_begin;
   Extras visibility_extras{};
-  if constexpr (kAnyExtras) {
-    const Extras& shared = share_extras(extras_slot, params, batch, head, scales.scale);
-    if constexpr (!kScoreExtras) visibility_extras = shared;
-    classify_tiles<Traits::kNThreads, kBlockN, true>(shared, mask, row_begin, row_end, kBlockM,
-                                                     n_block_begin, n_block_end, tile_states);
-  }
-  // Read only by the extras variants; see cta_extras.
+  prepare_extras<kExtras, Traits::kNThreads, kBlockN, true>(
+      extras_slot, visibility_extras, params, batch, head, scales.scale, mask, row_begin, row_end,
+      kBlockM, n_block_begin, n_block_end, tile_states);
+  // Read only by the extras variants; see cta_extras and shared_draws.
   const Extras& extras = cta_extras<kExtras>(extras_slot, visibility_extras);
+  const DropoutDraws& draws = shared_draws<kExtras>(
+      extras, reinterpret_cast<DropoutDraws*>(extras_slot), params, batch, head);
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(thread);
@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       if (softcap_on) softcap.apply(acc_s);
       if constexpr (kMasked) {
         mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
-        if constexpr (kAnyExtras) {
+        if constexpr (kTileStates) {
           if (extras.has_visibility()) extras.apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
         }
       }
@@ -327,14 +327,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
 
       Tensor acc_s_rowcol = make_tensor(acc_s.data(), accum_rowcol_layout(acc_s.layout()));
       softmax.update(acc_s_rowcol, acc_o_rowcol, scales.scale_log2);
-      if constexpr (kScoreExtras) {
+      if constexpr (draws_dropout(kExtras)) {
         // After the row sums: dropout removes weights from the output, not from the softmax.
         // Each thread's two successive n8 atoms lie 8 columns apart in one 16-column span (one
         // warp along N), so one Philox call serves both.
-        if (extras.dropout) {
+        if (dropout_active<kExtras>(extras)) {
           constexpr int kEntries = decltype(size(acc_s))::value;
           uint32_t keep[(kEntries + 31) / 32];
-          extras.keep_bits<2>(s_coords_rowcol, row_begin, n * kBlockN, keep);
+          draws.keep_bits<2>(s_coords_rowcol, row_begin, n * kBlockN, keep);
 #pragma unroll
           for (int r = 0; r < size<0>(acc_s_rowcol); ++r) {
 #pragma unroll
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     // diagonal, window right edge), then the unmasked interval, then those at the window's left
     // edge. Only unmasked blocks lie inside seqlen_k entirely, so only masked ones check rows.
     softmax.init();
-    if constexpr (kAnyExtras) {
+    if constexpr (kTileStates) {
       for (int n = n_block_end - 1; n >= n_block_begin;) {
         const int next = visible_block_at_or_below(tile_states, states_begin, n - 1);
         if (tile_states[n - states_begin] == kTileFull) {
@@ -370,8 +370,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       for (; n >= n_block_begin; --n) key_block(n, n - 1, cute::true_type{});
     }
     softmax.finalize(acc_o_rowcol, scales.scale, lse);
-    if constexpr (kScoreExtras) {
-      if (extras.dropout) {
+    if constexpr (draws_dropout(kExtras)) {
+      if (dropout_active<kExtras>(extras)) {
 #pragma unroll
         for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= params.dropout_scale;
       }

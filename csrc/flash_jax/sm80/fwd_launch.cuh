@@ -108,13 +108,13 @@ std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stre
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
   auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kExtras>;
-  int smem_bytes = Traits::kSmemBytes;
+  const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int smem_bytes = Traits::kSmemBytes + tile_state_smem_bytes<kExtras>(key_blocks) +
+                         (kExtras == ExtrasLevel::kDropout ? kDropoutDrawsSmemBytes : 0);
   int smem_attribute = smem_bytes;
-  if constexpr (kExtras != ExtrasLevel::kNone) {
+  if constexpr (classifies_tiles(kExtras)) {
     // One tile-state byte per key block; the attribute is raised to the device maximum once
     // since the size varies with seqlen_k.
-    const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-    smem_bytes += kExtrasSmemBytes + (key_blocks + 15) / 16 * 16;
     std::string message;
     smem_attribute = max_dynamic_smem_per_block(&message);
     if (!message.empty()) return "flash_jax forward: " + message;
