@@ -12,7 +12,7 @@ device memory, which kernel replay saves and restores on every pass:
   2. plain backward of the same (dkdv_kernel, atomic dQ)
   3. forward with the segment ids of 2 documents packed in each row (fwd_kernel, extras variant)
   4. backward of the same (dkdv_kernel, extras variant)
-  5. forward with dropout 0.1 (fwd_kernel, extras variant with score modifiers)
+  5. forward with dropout 0.1 (fwd_kernel, the dropout-only extras variant)
   6. backward of the same (dkdv_kernel, same variant)
 Batch 2 x 16 heads x 32 query blocks fill the 132 SMs several times over: the stall mix is the
 steady state of the main loop, as at the benchmark's s16384.
