@@ -6,6 +6,11 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
+# Under pytest-xdist (README: `-n 2`) several processes may share one GPU: each allocates as it
+# goes instead of taking XLA's default 75% of the device up front.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import pytest  # noqa: E402
 
 

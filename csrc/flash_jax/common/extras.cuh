@@ -56,45 +56,53 @@ struct DropoutDraws {
     return d;
   }
 
-  // Dropout keep bits of a tile's accumulator in the (rows, cols) view of an m16n8 accumulator
-  // ((row half, MMA_M), (column pair element, MMA_N)): bit r * cols + c of `bits` is entry (r, c).
-  // One Philox call yields the draws of rows {R, R + 8} (R % 16 < 8) x columns {2t, 2t + 1,
-  // 2t + 8, 2t + 9} of a 16-column span: a thread's entries of kPairsPerCall (1 or 2) successive
-  // MMA_N atoms, which the caller guarantees lie 8 columns apart in one span for 2.
-  template <int kPairsPerCall, int kWords, typename CoordsRowCol>
-  __device__ void keep_bits(const CoordsRowCol& coords, int row_offset, int col_offset,
-                            uint32_t (&bits)[kWords]) const {
+  // Calls visit(r, c, kept) for every entry (r, c) of a tile's accumulator in the (rows, cols)
+  // view of m16n8 atoms ((row half, MMA_M), (column pair element, MMA_N)). One Philox call yields
+  // the draws of rows {R, R + 8} (R % 16 < 8) x columns {2t, 2t + 1, 2t + 8, 2t + 9} of a
+  // 16-column span, which is what a thread holds of two successive MMA_N atoms when, as the
+  // callers' layouts guarantee, they lie 8 columns apart in one span (the forward's single warp
+  // along N, the backward's TiledMmaSdPPairedKeys): word j of the draw then belongs to the pair's
+  // entry j, the low half to row R and the high half to row R + 8, all known at compile time.
+  // Each draw is compared in place (the high half against threshold << 16) and consumed at once:
+  // no mask is built and read back.
+  template <typename CoordsRowCol, typename Visit>
+  __device__ __forceinline__ void for_each_draw(const CoordsRowCol& coords, int row_offset,
+                                                int col_offset, Visit&& visit) const {
     constexpr int kRows = decltype(cute::size<0>(coords))::value;
     constexpr int kCols = decltype(cute::size<1>(coords))::value;
-    static_assert(kRows % 2 == 0 && kCols % (2 * kPairsPerCall) == 0, "m16n8 accumulator view");
-    static_assert(kWords * 32 >= kRows * kCols, "bit words");
-#pragma unroll
-    for (int w = 0; w < kWords; ++w) bits[w] = 0;
+    static_assert(kRows % 2 == 0 && kCols % 4 == 0, "m16n8 accumulator view, atoms in pairs");
+    const uint32_t threshold_high = threshold << 16;
 #pragma unroll
     for (int m = 0; m < kRows / 2; ++m) {
       const int row = row_offset + static_cast<int>(cute::get<0>(coords(2 * m, 0)));
       const uint32_t row_counter = uint32_t(row >> 4) * 8 + uint32_t(row & 7);
 #pragma unroll
-      for (int n = 0; n < kCols / (2 * kPairsPerCall); ++n) {
-        const int first_col = col_offset + static_cast<int>(cute::get<1>(coords(0, 2 * kPairsPerCall * n)));
+      for (int n = 0; n < kCols / 4; ++n) {
+        const int first_col = col_offset + static_cast<int>(cute::get<1>(coords(0, 4 * n)));
         const uint32_t col_counter = uint32_t(first_col >> 4) * 4 + uint32_t((first_col >> 1) & 3);
         const uint4 draw = philox4x32(make_uint4(col_counter, row_counter, head, 0), seed);
+        const uint32_t words[4] = {draw.x, draw.y, draw.z, draw.w};
 #pragma unroll
-        for (int j = 0; j < 2 * kPairsPerCall; ++j) {
-          const int c = 2 * kPairsPerCall * n + j;
-          const int col = col_offset + static_cast<int>(cute::get<1>(coords(0, c)));
-          const bool high_pair = (col >> 3) & 1;
-          const bool odd = col & 1;
-          const uint32_t word = high_pair ? (odd ? draw.w : draw.z) : (odd ? draw.y : draw.x);
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t value = half ? word >> 16 : word & 0xFFFFu;
-            const int index = (2 * m + half) * kCols + c;
-            if (value >= threshold) bits[index / 32] |= 1u << (index % 32);
-          }
+        for (int j = 0; j < 4; ++j) {
+          visit(2 * m, 4 * n + j, (words[j] & 0xFFFFu) >= threshold);
+          visit(2 * m + 1, 4 * n + j, words[j] >= threshold_high);
         }
       }
     }
+  }
+
+  // The same draws as bits: bit r * cols + c of `bits` says whether entry (r, c) is kept.
+  template <int kWords, typename CoordsRowCol>
+  __device__ __forceinline__ void keep_bits(const CoordsRowCol& coords, int row_offset,
+                                            int col_offset, uint32_t (&bits)[kWords]) const {
+    constexpr int kCols = decltype(cute::size<1>(coords))::value;
+    static_assert(kWords * 32 >= decltype(cute::size(coords))::value, "bit words");
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) bits[w] = 0;
+    for_each_draw(coords, row_offset, col_offset, [&](int r, int c, bool kept) {
+      const int index = r * kCols + c;
+      if (kept) bits[index / 32] |= 1u << (index % 32);
+    });
   }
 };
 

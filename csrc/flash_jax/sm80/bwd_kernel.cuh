@@ -199,8 +199,6 @@ __device__ __forceinline__ void probs_and_dscores(
   Tensor scores = accum_rowcol(acc_s);
   Tensor dscores = accum_rowcol(acc_dp);
   Tensor coords_rowcol = make_tensor(coords.data(), accum_rowcol_layout(coords.layout()));
-  constexpr int kEntries = decltype(size(acc_s))::value;
-  uint32_t keep[(kEntries + 31) / 32];
   bool offsets = false;
   if constexpr (classifies_tiles(kExtras)) {
     if (tile_partial && extras.has_visibility()) {
@@ -209,36 +207,46 @@ __device__ __forceinline__ void probs_and_dscores(
   }
   if constexpr (kScoreExtras) offsets = extras.has_offsets();
   const bool dropout = dropout_active<kExtras>(extras);
-  if constexpr (draws_dropout(kExtras)) {
-    // Successive n8 atoms of a thread lie 8 keys apart in one 16-key span (the dropout
-    // variants' TiledMmaSdPPairedKeys): one Philox call per pair.
-    if (dropout) draws.keep_bits<2>(coords_rowcol, row_begin, col_begin, keep);
-  }
+  auto entry = [&](int r, int c, bool kept) __attribute__((always_inline)) {
+    const float score = scores(r, c);
+    const int row = row_begin + static_cast<int>(get<0>(coords_rowcol(r, c)));
+    const int col = col_begin + static_cast<int>(get<1>(coords_rowcol(r, c)));
+    const bool inside = row < extras.seqlen_q && col < extras.seqlen_k;
+    float logit_score = score;
+    if (kScoreExtras && offsets && inside) logit_score += extras.offset(row, col);
+    const float p = fast_exp2(logit_score * scale_log2 - lse_log2[r]);
+    float dp = dscores(r, c);
+    if (draws_dropout(kExtras) && dropout) {
+      dp = kept ? dp * dropout_scale : 0.f;
+      scores(r, c) = kept ? p : 0.f;
+    } else {
+      scores(r, c) = p;
+    }
+    float ds = p * (dp - row_d[r]);
+    if constexpr (kScoreExtras) {
+      if (inside) dbias(row, col, ds);
+    }
+    if (softcap_on) ds *= fmaxf(1.f - score * score, 0.f);
+    dscores(r, c) = ds;
+  };
+  // Successive n8 atoms of a thread lie 8 keys apart in one 16-key span (the dropout variants'
+  // TiledMmaSdPPairedKeys): one Philox call per pair. kDropout consumes each draw as it is made;
+  // kAll, where dropout is a run-time branch, reads it from a bit mask so that the entry code
+  // is not emitted twice.
+  if constexpr (kExtras == ExtrasLevel::kDropout) {
+    draws.for_each_draw(coords_rowcol, row_begin, col_begin, entry);
+  } else {
+    constexpr int kEntries = decltype(size(acc_s))::value;
+    uint32_t keep[(kEntries + 31) / 32];
+    if constexpr (kScoreExtras) {
+      if (dropout) draws.keep_bits(coords_rowcol, row_begin, col_begin, keep);
+    }
 #pragma unroll
-  for (int r = 0; r < size<0>(scores); ++r) {
+    for (int r = 0; r < size<0>(scores); ++r) {
 #pragma unroll
-    for (int c = 0; c < size<1>(scores); ++c) {
-      const float score = scores(r, c);
-      const int row = row_begin + static_cast<int>(get<0>(coords_rowcol(r, c)));
-      const int col = col_begin + static_cast<int>(get<1>(coords_rowcol(r, c)));
-      const bool inside = row < extras.seqlen_q && col < extras.seqlen_k;
-      float logit_score = score;
-      if (kScoreExtras && offsets && inside) logit_score += extras.offset(row, col);
-      float p = fast_exp2(logit_score * scale_log2 - lse_log2[r]);
-      float dp = dscores(r, c);
-      if (draws_dropout(kExtras) && dropout) {
-        const bool kept = bit_set(keep, r * size<1>(scores) + c);
-        dp = kept ? dp * dropout_scale : 0.f;
-        scores(r, c) = kept ? p : 0.f;
-      } else {
-        scores(r, c) = p;
+      for (int c = 0; c < size<1>(scores); ++c) {
+        entry(r, c, kScoreExtras && dropout && bit_set(keep, r * size<1>(scores) + c));
       }
-      float ds = p * (dp - row_d[r]);
-      if constexpr (kScoreExtras) {
-        if (inside) dbias(row, col, ds);
-      }
-      if (softcap_on) ds *= fmaxf(1.f - score * score, 0.f);
-      dscores(r, c) = ds;
     }
   }
 }

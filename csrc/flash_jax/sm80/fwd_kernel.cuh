@@ -330,18 +330,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       if constexpr (draws_dropout(kExtras)) {
         // After the row sums: dropout removes weights from the output, not from the softmax.
         // Each thread's two successive n8 atoms lie 8 columns apart in one 16-column span (one
-        // warp along N), so one Philox call serves both.
+        // warp along N), so one Philox call serves both (DropoutDraws::for_each_draw).
         if (dropout_active<kExtras>(extras)) {
-          constexpr int kEntries = decltype(size(acc_s))::value;
-          uint32_t keep[(kEntries + 31) / 32];
-          draws.keep_bits<2>(s_coords_rowcol, row_begin, n * kBlockN, keep);
-#pragma unroll
-          for (int r = 0; r < size<0>(acc_s_rowcol); ++r) {
-#pragma unroll
-            for (int c = 0; c < size<1>(acc_s_rowcol); ++c) {
-              if (!bit_set(keep, r * size<1>(acc_s_rowcol) + c)) acc_s_rowcol(r, c) = 0.f;
-            }
-          }
+          draws.for_each_draw(s_coords_rowcol, row_begin, n * kBlockN, [&](int r, int c, bool kept) {
+            if (!kept) acc_s_rowcol(r, c) = 0.f;
+          });
         }
       }
       Tensor p = make_tensor<Element>(accum_as_operand_a_layout(acc_s.layout()));
