@@ -3,7 +3,7 @@
 # bazel/*.bzl work with the Bazel Debian packages (bazel-bootstrap, Bazel 4.2.3).
 #
 #   tools/bazel_check.sh          FFI handlers, bindings and one kernel (fwd bf16 hdim64), sm_80
-#   tools/bazel_check.sh --all    the extension //flash_jax:_flash_jax_cuda.so (all 24 kernels)
+#   tools/bazel_check.sh --all    the extension //flash_jax:_flash_jax_cuda.so (every kernel file)
 #   ARCH=90 JOBS=4 tools/bazel_check.sh
 #
 # Needs bazel (BAZEL), nvcc (CUDA_HOME or PATH) and a Python (PYTHON, default python3) with jax,
