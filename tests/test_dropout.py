@@ -13,12 +13,11 @@ from oracle import assert_matches, gpu_param, random_inputs, reference_outputs
 RATE = 0.3
 
 
-@pytest.mark.parametrize("device_kind,dtype,causal", [
-    ("cpu", "float32", False), ("cpu", "bfloat16", True), gpu_param("gpu", "bfloat16", True)])
-def test_matches_reference_with_the_same_key(device_kind, dtype, causal):
-  device = jax.devices(device_kind)[0]
-  q, k, v, dout, dlse = random_inputs(1, 2, 37, 45, 4, 2, 16, jnp.dtype(dtype))
-  kwargs = dict(causal=causal, dropout_rate=RATE, dropout_rng=jax.random.key(7))
+def _check_against_reference(device, inputs, kwargs):
+  """attention(..., dropout_rate=RATE, **kwargs) on `device`, jitted with its vjp, against the
+  reference with the same key (the oracle of DESIGN.md); returns the outputs."""
+  q, k, v, dout, dlse = inputs
+  kwargs = dict(kwargs, dropout_rate=RATE)
 
   @jax.jit
   def run(q, k, v, dout, dlse):
@@ -26,10 +25,19 @@ def test_matches_reference_with_the_same_key(device_kind, dtype, causal):
     (out, lse), vjp = jax.vjp(f, q, k, v)
     return (out, lse) + vjp((dout, dlse))
 
-  outputs = run(*jax.device_put((q, k, v, dout, dlse), device))
+  outputs = run(*jax.device_put(inputs, device))
   ref = reference_outputs(q, k, v, dout, dlse, precision="float64", **kwargs)
   base = reference_outputs(q, k, v, dout, dlse, precision="input", **kwargs)
   assert_matches(outputs, ref, base)
+  return outputs
+
+
+@pytest.mark.parametrize("device_kind,dtype,causal", [
+    ("cpu", "float32", False), ("cpu", "bfloat16", True), gpu_param("gpu", "bfloat16", True)])
+def test_matches_reference_with_the_same_key(device_kind, dtype, causal):
+  q, k, v, dout, dlse = random_inputs(1, 2, 37, 45, 4, 2, 16, jnp.dtype(dtype))
+  outputs = _check_against_reference(jax.devices(device_kind)[0], (q, k, v, dout, dlse),
+                                     dict(causal=causal, dropout_rng=jax.random.key(7)))
   # The test sees dropout: without it the output is different.
   assert not np.allclose(np.asarray(outputs[0], np.float32),
                          np.asarray(flash_jax.attention(q, k, v, causal=causal), np.float32),
@@ -55,21 +63,11 @@ _KERNEL_VARIANT_CASES = {
 @pytest.mark.parametrize("case", [gpu_param(name) for name in _KERNEL_VARIANT_CASES])
 def test_kernel_variants_match_the_reference(case):
   dtype, head_dim, kv_heads, options = _KERNEL_VARIANT_CASES[case]
-  q, k, v, dout, dlse = random_inputs(8, 2, 200, 333, 4, kv_heads, head_dim, jnp.dtype(dtype))
-  kwargs = dict(options, dropout_rate=RATE, dropout_rng=jax.random.key(11))
-  kwargs = {name: jnp.asarray(value) if isinstance(value, np.ndarray) else value
-            for name, value in kwargs.items()}
-
-  @jax.jit
-  def run(q, k, v, dout, dlse):
-    f = lambda q, k, v: flash_jax.attention(q, k, v, return_lse=True, **kwargs)
-    (out, lse), vjp = jax.vjp(f, q, k, v)
-    return (out, lse) + vjp((dout, dlse))
-
-  outputs = run(*jax.device_put((q, k, v, dout, dlse), jax.devices("gpu")[0]))
-  ref = reference_outputs(q, k, v, dout, dlse, precision="float64", **kwargs)
-  base = reference_outputs(q, k, v, dout, dlse, precision="input", **kwargs)
-  assert_matches(outputs, ref, base)
+  inputs = random_inputs(8, 2, 200, 333, 4, kv_heads, head_dim, jnp.dtype(dtype))
+  options = {name: jnp.asarray(value) if isinstance(value, np.ndarray) else value
+             for name, value in options.items()}
+  _check_against_reference(jax.devices("gpu")[0], inputs,
+                           dict(options, dropout_rng=jax.random.key(11)))
 
 
 def test_kept_fraction():

@@ -230,9 +230,9 @@ struct Extras {
   }
 };
 
-// The variants that classify tiles build their CTA's Extras once in shared memory, after the tiles and before
-// the tile states. kAll then reads it from there in the main loop (its ~25 words of pointers,
-// strides and seed otherwise stay live in registers: the kAll dK/dV kernel spilled 384-396
+// The variants that classify tiles build their CTA's Extras once in shared memory, after the
+// tiles and before the tile states. kAll then reads it from there in the main loop (its ~25 words
+// of pointers, strides and seed otherwise stay live in registers: the kAll dK/dV kernel spilled 384-396
 // bytes at d128 on sm_90, 152 with this, and the d128 forward with dropout went from +50% to
 // +36% over none); kVisibility copies its few fields to registers, which measured 3-7% faster
 // for one-document segment ids than reading them from shared memory (benchmarks/NOTES.md,
