@@ -17,7 +17,8 @@ Environment:
   FLASH_JAX_BUILD_CUDA   auto (default): build the kernels when nvcc is found and an NVIDIA
                          driver is present; 1: always (fails without nvcc); 0: never (pure Python).
   FLASH_JAX_CUDA_ARCHS   ";"- or ","-separated SM versions, default "80;90": a cubin for each and
-                         PTX for the highest (suffixes such as 90a are allowed).
+                         PTX for newer GPUs (suffixes such as 90a are allowed); see
+                         gencode_flags() for the sources compiled to PTX once.
   MAX_JOBS               parallel nvcc processes (default: the number of usable cores).
   FLASH_JAX_CCACHE       auto (default): prefix nvcc with ccache when ccache is on PATH; 0: never.
   CUDA_HOME / CUDA_PATH  the CUDA toolkit (default: nvcc on PATH, else /usr/local/cuda).
@@ -37,6 +38,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -113,11 +115,52 @@ def cuda_archs() -> list[str]:
   return archs
 
 
-def gencode_flags(archs: list[str]) -> list[str]:
-  flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-  # PTX of the highest architecture lets newer GPUs JIT-compile the kernels.
-  highest = max(archs, key=lambda a: int(re.match(r"\d+", a).group()))
-  return flags + [f"-gencode=arch=compute_{highest},code=compute_{highest}"]
+def _arch_number(arch: str) -> int:
+  return int(re.match(r"\d+", arch).group())
+
+
+def gencode_flags(archs: list[str], arch_specific: bool = True) -> list[str]:
+  """nvcc's -gencode flags: a cubin for each of archs and PTX for newer GPUs to JIT-compile.
+
+  A source whose device code does not test the architecture (arch_specific False) is compiled
+  to PTX once, for the lowest plain architecture, and every plain cubin is assembled from that
+  PTX: nvcc's front end (cicc) is ~75% of a kernel file's compile time and would otherwise run
+  once per architecture for the same result (the forward's compute_80 and compute_90 PTX differ
+  only in .target, and ptxas makes the same sm_90 SASS of both; benchmarks/NOTES.md, session 6).
+  Suffixed architectures (90a, 100f) always get their own PTX.
+  """
+  highest = max(archs, key=_arch_number)
+  plain = [a for a in archs if re.fullmatch(r"\d+", a)]
+  if arch_specific or len(plain) < 2:
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{highest},code=compute_{highest}"]
+  shared = min(plain, key=_arch_number)
+  flags = [f"-gencode=arch=compute_{shared},code=sm_{a}" for a in plain]
+  flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a not in plain]
+  ptx = shared if highest in plain else highest
+  return flags + [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"]
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def tests_cuda_arch(source: pathlib.Path, seen: set[pathlib.Path] | None = None) -> bool:
+  """Whether source or a repository header it includes (transitively) tests __CUDA_ARCH__.
+  CUTLASS's headers test it too, for instructions that the sm80 kernels do not use."""
+  seen = set() if seen is None else seen
+  source = source.resolve()
+  if source in seen:
+    return False
+  seen.add(source)
+  text = source.read_text()
+  if "__CUDA_ARCH__" in text:
+    return True
+  for name in _LOCAL_INCLUDE.findall(text):
+    header = next((base / name for base in (source.parent, CSRC) if (base / name).is_file()),
+                  None)
+    if header is not None and tests_cuda_arch(header, seen):
+      return True
+  return False
 
 
 def cutlass_include() -> pathlib.Path:
@@ -229,10 +272,10 @@ def cudart_runpath(major: int, cudart: pathlib.Path) -> list[str]:
 def build_kernel_library(nvcc: pathlib.Path, build_root: pathlib.Path) -> pathlib.Path:
   """Compiles the kernels (only what changed) and archives them; returns the library's path."""
   archs = cuda_archs()
-  flags = NVCC_FLAGS + gencode_flags(archs) + [f"-I{CSRC}", f"-isystem={cutlass_include()}"]
+  flags = NVCC_FLAGS + [f"-I{CSRC}", f"-isystem={cutlass_include()}"]
   # One directory per configuration: switching archs, flags, toolkit or CUTLASS never mixes
   # objects.
-  key = _configuration_key(nvcc, flags)
+  key = _configuration_key(nvcc, flags + gencode_flags(archs))
   out_dir = build_root / "kernels" / f"sm{'_'.join(archs)}-{key}"
   out_dir.mkdir(parents=True, exist_ok=True)
   launcher = _launcher()
@@ -242,14 +285,16 @@ def build_kernel_library(nvcc: pathlib.Path, build_root: pathlib.Path) -> pathli
     obj, depfile = out_dir / f"{stem}.o", out_dir / f"{stem}.d"
     if _up_to_date(obj, depfile):
       return obj, False
-    command = [*launcher, str(nvcc), *flags, "-MD", "-MF", str(depfile), "-c", str(source),
-               "-o", str(obj)]
+    command = [*launcher, str(nvcc), *flags, *gencode_flags(archs, tests_cuda_arch(source)),
+               "-MD", "-MF", str(depfile), "-c", str(source), "-o", str(obj)]
+    started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.monotonic() - started
     if result.returncode != 0:
       raise RuntimeError(f"nvcc failed on {source.relative_to(ROOT)}:\n{shlex.join(command)}\n"
                          f"{result.stdout}{result.stderr}")
     # Register spills and other warnings are worth seeing.
-    _log(f"compiled {source.relative_to(ROOT)}" + (f":\n{result.stderr.strip()}"
+    _log(f"compiled {source.relative_to(ROOT)} in {seconds:.0f} s" + (f":\n{result.stderr.strip()}"
                                                     if result.stderr.strip() else ""))
     return obj, True
 

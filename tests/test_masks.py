@@ -119,6 +119,38 @@ def test_option_matches_reference_gpu(option):
   _check(gpu_devices()[0], "bfloat16", SEQS, _options(option, BATCH, *SEQS))
 
 
+def _cell_mask(seed, shape):
+  """A mask of 16 x 16 cells that are each empty, full or random: tiles of every state."""
+  *lead, rows, cols = shape
+  cells = np.random.default_rng(seed).integers(0, 3, (*lead, -(-rows // 16), -(-cols // 16)))
+  cells = np.repeat(np.repeat(cells, 16, -2), 16, -1)[..., :rows, :cols]
+  return jnp.asarray(np.where(cells == 2, np.asarray(_keep(seed, shape, 0.5)), cells == 1))
+
+
+def _long_row_options(name, seq_q, seq_k):
+  if name == "segment_ids":
+    return dict(q_segment_ids=_segment_ids(BATCH, seq_q, (0.0, 0.3, 0.7)),
+                kv_segment_ids=_segment_ids(BATCH, seq_k, (0.0, 0.3, 0.7)))
+  if name == "segment_ids_unsorted":
+    rng = np.random.default_rng(12)
+    return dict(q_segment_ids=jnp.asarray(rng.integers(0, 3, (BATCH, seq_q)), jnp.int32),
+                kv_segment_ids=jnp.asarray(rng.integers(0, 3, (BATCH, seq_k)), jnp.int32))
+  return dict(mask=_cell_mask(13, (BATCH, 1, seq_q, seq_k)),
+              q_lengths=jnp.array([seq_q - 70, seq_q], jnp.int32),
+              kv_lengths=jnp.array([seq_k, seq_k - 90], jnp.int32))
+
+
+@pytest.mark.parametrize("option", [gpu_param(name) for name in
+                                    ("segment_ids", "segment_ids_unsorted", "mask_lengths")])
+@pytest.mark.parametrize("seqs", [(200, 4645), (4645, 200)], ids=["long_keys", "long_queries"])
+def test_long_walked_rows_gpu(option, seqs):
+  """The kernels classify all tiles of a CTA's row (forward, dQ) or column (dK/dV) of tiles
+  before their loop, reading ids in rounds of 4096 (forward) or 8192 entries: rows longer than a
+  round, the 16-byte loads of an aligned row (batch row 0) with its ragged end, and the scalar
+  loads of a misaligned one (row 1 starts 4645 ids in)."""
+  _check(gpu_devices()[0], "bfloat16", seqs, _long_row_options(option, *seqs))
+
+
 BIAS_SHAPES = [(BATCH, HEADS, *SEQS), (1, HEADS, 1, SEQS[1]), SEQS, (BATCH, 1, SEQS[0], 1)]
 
 
