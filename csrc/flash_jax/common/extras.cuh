@@ -447,7 +447,8 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
       if (walk_ids) raw_ids[u] = load_quad<kVectorLoads>(walk_ids, start, extent);
       if (walk_pos) raw_pos[u] = load_quad<kVectorLoads>(walk_pos, start, extent);
       s[u] = QuadSummary{empty, empty, x.tiles == nullptr && quad < quads, true};
-      if (x.tiles != nullptr && quad < quads) {
+      // Cells past the walked extent do not exist (the summary has ceil(extent / 16) of them).
+      if (x.tiles != nullptr && quad < quads && start < walk_extent) {
         const int walk_cell = start / kMaskCell;
         // Unrolled (fixed_block is a constant once inlined): the cell loads in flight together.
 #pragma unroll
