@@ -237,7 +237,16 @@ struct Extras {
 // +36% over none); kVisibility copies its few fields to registers, which measured 3-7% faster
 // for one-document segment ids than reading them from shared memory (benchmarks/NOTES.md,
 // session 3).
-constexpr int kExtrasSmemBytes = (sizeof(Extras) + 15) / 16 * 16;
+//
+// After the Extras come the first and last visible walked block, which the classification finds
+// with shared-memory atomics as it writes the states (each thread scanning the states for them
+// instead read up to ~450 states one dependent load after another in a CTA of a packed row).
+struct ExtrasSlot {
+  Extras extras;
+  int first_visible;
+  int last_visible;
+};
+constexpr int kExtrasSmemBytes = (sizeof(ExtrasSlot) + 15) / 16 * 16;
 
 // Thread 0 writes this CTA's Extras to `slot`; returns it once every thread can read it.
 __device__ __forceinline__ const Extras& share_extras(Extras* slot, const AttentionParams& p,
@@ -413,7 +422,7 @@ __device__ __forceinline__ int visible_block_at_or_above(const uint8_t* states, 
 template <int kThreads, int kWalkBlock, bool kWalkKeys, bool kVectorLoads>
 __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band, int fixed_begin,
                                       int fixed_end, int fixed_block, int block_begin,
-                                      int block_end, uint8_t* states) {
+                                      int block_end, uint8_t* states, ExtrasSlot& slot) {
   constexpr int kLanes = kWalkBlock / 4;  // lanes per walked block
   static_assert(kWalkBlock % kMaskCell == 0 && 32 % kLanes == 0, "walk block of 16 to 128");
   static_assert(kThreads % 32 == 0, "whole warps");
@@ -447,9 +456,11 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
       if (walk_ids) raw_ids[u] = load_quad<kVectorLoads>(walk_ids, start, extent);
       if (walk_pos) raw_pos[u] = load_quad<kVectorLoads>(walk_pos, start, extent);
       s[u] = QuadSummary{empty, empty, x.tiles == nullptr && quad < quads, true};
-      // Cells past the walked extent do not exist (the summary has ceil(extent / 16) of them).
-      if (x.tiles != nullptr && quad < quads && start < walk_extent) {
-        const int walk_cell = start / kMaskCell;
+      // Cells past the walked extent do not exist (the summary has ceil(extent / 16) of them);
+      // the test is on the cell, not on this lane's entries: the four lanes of a cell share out
+      // its row (or column) of cells, and every one of them must be read.
+      const int walk_cell = start / kMaskCell;
+      if (x.tiles != nullptr && quad < quads && walk_cell * kMaskCell < walk_extent) {
         // Unrolled (fixed_block is a constant once inlined): the cell loads in flight together.
 #pragma unroll
         for (int k = 0; k < (fixed_block / kMaskCell + kLanesPerCell - 1) / kLanesPerCell; ++k) {
@@ -503,6 +514,10 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
           full = full && kv_pos.x - q_pos.y >= -x.pos_left && kv_pos.y - q_pos.x <= x.pos_right;
         }
         states[block - block_begin] = !any ? kTileSkip : (full ? kTileFull : kTilePartial);
+        if (any) {
+          atomicMin(&slot.first_visible, block);
+          atomicMax(&slot.last_visible, block);
+        }
       }
     }
   }
@@ -510,20 +525,22 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
 }
 
 // fill_tile_states_with 16-byte loads when the walked id and position rows are 16-byte aligned
-// (a CTA-uniform choice; rows of a batch whose length is not a multiple of 4 are not).
+// (a CTA-uniform choice; rows of a batch whose length is not a multiple of 4 are not). The
+// visible range in `slot` must hold (block_end, block_begin - 1) before the call.
 template <int kThreads, int kWalkBlock, bool kWalkKeys>
 __device__ __forceinline__ void fill_tile_states(const Extras& x, const KeyRangeMask& band,
                                                  int fixed_begin, int fixed_end, int fixed_block,
-                                                 int block_begin, int block_end, uint8_t* states) {
+                                                 int block_begin, int block_end, uint8_t* states,
+                                                 ExtrasSlot& slot) {
   const int* walk_ids = kWalkKeys ? x.kv_ids : x.q_ids;
   const int* walk_pos = kWalkKeys ? x.kv_pos : x.q_pos;
   const bool aligned = (reinterpret_cast<uintptr_t>(walk_ids) | reinterpret_cast<uintptr_t>(walk_pos)) % 16 == 0;
   if (aligned) {
     fill_tile_states_with<kThreads, kWalkBlock, kWalkKeys, true>(
-        x, band, fixed_begin, fixed_end, fixed_block, block_begin, block_end, states);
+        x, band, fixed_begin, fixed_end, fixed_block, block_begin, block_end, states, slot);
   } else {
     fill_tile_states_with<kThreads, kWalkBlock, kWalkKeys, false>(
-        x, band, fixed_begin, fixed_end, fixed_block, block_begin, block_end, states);
+        x, band, fixed_begin, fixed_end, fixed_block, block_begin, block_end, states, slot);
   }
 }
 
@@ -534,19 +551,17 @@ template <int kThreads, int kWalkBlock, bool kWalkKeys>
 __device__ __forceinline__ void classify_tiles(const Extras& x, const KeyRangeMask& band,
                                                int fixed_begin, int fixed_end, int fixed_block,
                                                int& block_begin, int& block_end,
-                                               uint8_t* states) {
+                                               uint8_t* states, ExtrasSlot& slot) {
   if (block_end <= block_begin) return;
-  const int states_begin = block_begin;
   fill_tile_states<kThreads, kWalkBlock, kWalkKeys>(x, band, fixed_begin, fixed_end, fixed_block,
-                                                    block_begin, block_end, states);
-  const int last = visible_block_at_or_below(states, states_begin, block_end - 1);
-  block_begin = visible_block_at_or_above(states, states_begin, block_end, block_begin);
-  block_end = last < block_begin ? block_begin : last + 1;
+                                                    block_begin, block_end, states, slot);
+  block_begin = slot.first_visible;
+  block_end = slot.last_visible < block_begin ? block_begin : slot.last_visible + 1;
 }
 
 // The prologue of the variants that classify tiles (no-op for the others): the CTA's Extras in
-// shared memory (`slot`; copied to `in_registers` by kVisibility, see cta_extras), then the
-// states of the walked blocks (classify_tiles). Every thread calls it.
+// shared memory (`slot`, the start of an ExtrasSlot; copied to `in_registers` by kVisibility,
+// see cta_extras), then the states of the walked blocks (classify_tiles). Every thread calls it.
 template <ExtrasLevel kLevel, int kThreads, int kWalkBlock, bool kWalkKeys>
 __device__ __forceinline__ void prepare_extras(Extras* slot, Extras& in_registers,
                                                const AttentionParams& p, int batch, int head,
@@ -555,10 +570,17 @@ __device__ __forceinline__ void prepare_extras(Extras* slot, Extras& in_register
                                                int& block_begin, int& block_end,
                                                uint8_t* states) {
   if constexpr (classifies_tiles(kLevel)) {
+    ExtrasSlot& area = *reinterpret_cast<ExtrasSlot*>(slot);
+    // Before share_extras' barrier: the empty range that the classification's atomics widen.
+    if (threadIdx.x == 0) {
+      area.first_visible = block_end;
+      area.last_visible = block_begin - 1;
+    }
     const Extras& shared = share_extras(slot, p, batch, head, logit_scale);
     if constexpr (kLevel == ExtrasLevel::kVisibility) in_registers = shared;
     classify_tiles<kThreads, kWalkBlock, kWalkKeys>(shared, band, fixed_begin, fixed_end,
-                                                    fixed_block, block_begin, block_end, states);
+                                                    fixed_block, block_begin, block_end, states,
+                                                    area);
   }
 }
 
