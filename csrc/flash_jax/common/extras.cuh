@@ -394,16 +394,19 @@ __device__ __forceinline__ bool group_all(bool flag) {
   return !group_any<kLanes>(!flag);
 }
 
-// Nearest block at or below / at or above `block` whose state is not kTileSkip; returns
-// `limit - 1` / `limit` when none.
-__device__ __forceinline__ int visible_block_at_or_below(const uint8_t* states, int block_begin,
-                                                         int block) {
-  while (block >= block_begin && states[block - block_begin] == kTileSkip) --block;
+// Nearest block at or below / at or above `block` whose state is not kTileSkip, searching no
+// lower than `lowest` / no higher than `block_end - 1` (the narrowed range: every state outside
+// it is kTileSkip, and scanning those one dependent shared load at a time cost a CTA of a packed
+// row ~450 loads); states are indexed from `states_begin`. Returns a block below `lowest` /
+// `block_end` when none.
+__device__ __forceinline__ int visible_block_at_or_below(const uint8_t* states, int states_begin,
+                                                         int lowest, int block) {
+  while (block >= lowest && states[block - states_begin] == kTileSkip) --block;
   return block;
 }
-__device__ __forceinline__ int visible_block_at_or_above(const uint8_t* states, int block_begin,
+__device__ __forceinline__ int visible_block_at_or_above(const uint8_t* states, int states_begin,
                                                          int block_end, int block) {
-  while (block < block_end && states[block - block_begin] == kTileSkip) ++block;
+  while (block < block_end && states[block - states_begin] == kTileSkip) ++block;
   return block;
 }
 

@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     softmax.init();
     if constexpr (kTileStates) {
       for (int n = n_block_end - 1; n >= n_block_begin;) {
-        const int next = visible_block_at_or_below(tile_states, states_begin, n - 1);
+        const int next = visible_block_at_or_below(tile_states, states_begin, n_block_begin, n - 1);
         if (tile_states[n - states_begin] == kTileFull) {
           key_block(n, next, cute::false_type{});
         } else {
