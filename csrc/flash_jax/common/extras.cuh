@@ -447,6 +447,7 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
 
   const int quad_begin = block_begin * kLanes;
   const int quads = (block_end - block_begin) * kLanes;
+  int first_visible = INT_MAX, last_visible = INT_MIN;  // of the blocks this thread classified
   for (int base = 0; base < quads; base += kThreads * kQuadsInFlight) {
     // Loads first, for every quad of this round, so that they are in flight together.
     int4 raw_ids[kQuadsInFlight], raw_pos[kQuadsInFlight];
@@ -518,11 +519,22 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
         }
         states[block - block_begin] = !any ? kTileSkip : (full ? kTileFull : kTilePartial);
         if (any) {
-          atomicMin(&slot.first_visible, block);
-          atomicMax(&slot.last_visible, block);
+          first_visible = min(first_visible, block);
+          last_visible = max(last_visible, block);
         }
       }
     }
+  }
+  // One pair of shared atomics per warp: one per visible block, all on the same two words,
+  // measured +3% on a one-document forward (512 visible blocks per CTA).
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    first_visible = min(first_visible, __shfl_xor_sync(0xffffffffu, first_visible, offset));
+    last_visible = max(last_visible, __shfl_xor_sync(0xffffffffu, last_visible, offset));
+  }
+  if (threadIdx.x % 32 == 0 && first_visible <= last_visible) {
+    atomicMin(&slot.first_visible, first_visible);
+    atomicMax(&slot.last_visible, last_visible);
   }
   __syncthreads();
 }
