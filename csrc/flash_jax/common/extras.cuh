@@ -320,6 +320,17 @@ __device__ __forceinline__ bool bit_set(const uint32_t (&bits)[kWords], int inde
   return (bits[index / 32] >> (index % 32)) & 1u;
 }
 
+// (min, max) over the kLanes aligned lanes of a group (a power of two dividing 32).
+template <int kLanes>
+__device__ __forceinline__ int2 group_min_max(int2 range) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    range.x = min(range.x, __shfl_xor_sync(0xffffffffu, range.x, offset));
+    range.y = max(range.y, __shfl_xor_sync(0xffffffffu, range.y, offset));
+  }
+  return range;
+}
+
 // (min, max) of values[begin, end) computed by every warp on its own (uniform across the CTA);
 // (INT_MAX, INT_MIN) when empty.
 __device__ __forceinline__ int2 warp_min_max(const int* values, int begin, int end) {
@@ -329,12 +340,7 @@ __device__ __forceinline__ int2 warp_min_max(const int* values, int begin, int e
     lo = min(lo, value);
     hi = max(hi, value);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, offset));
-    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
-  }
-  return make_int2(lo, hi);
+  return group_min_max<32>(make_int2(lo, hi));
 }
 
 // What one lane reads of the walked side before the lanes of a walked block combine it: four
@@ -367,17 +373,6 @@ __device__ __forceinline__ int2 quad_min_max(int4 quad, int start, int valid) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (start + j < valid) range = make_int2(min(range.x, values[j]), max(range.y, values[j]));
-  }
-  return range;
-}
-
-// (min, max) over the `lanes` aligned lanes of a group (a power of two dividing 32).
-template <int kLanes>
-__device__ __forceinline__ int2 group_min_max(int2 range) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    range.x = min(range.x, __shfl_xor_sync(0xffffffffu, range.x, offset));
-    range.y = max(range.y, __shfl_xor_sync(0xffffffffu, range.y, offset));
   }
   return range;
 }
@@ -527,14 +522,10 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
   }
   // One pair of shared atomics per warp rather than one per visible block (up to 512 per CTA,
   // all on the same two words).
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    first_visible = min(first_visible, __shfl_xor_sync(0xffffffffu, first_visible, offset));
-    last_visible = max(last_visible, __shfl_xor_sync(0xffffffffu, last_visible, offset));
-  }
-  if (threadIdx.x % 32 == 0 && first_visible <= last_visible) {
-    atomicMin(&slot.first_visible, first_visible);
-    atomicMax(&slot.last_visible, last_visible);
+  const int2 visible = group_min_max<32>(make_int2(first_visible, last_visible));
+  if (threadIdx.x % 32 == 0 && visible.x <= visible.y) {
+    atomicMin(&slot.first_visible, visible.x);
+    atomicMax(&slot.last_visible, visible.y);
   }
   __syncthreads();
 }
