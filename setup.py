@@ -18,7 +18,8 @@ Environment:
                          driver is present; 1: always (fails without nvcc); 0: never (pure Python).
   FLASH_JAX_CUDA_ARCHS   ";"- or ","-separated SM versions, default "80;90": a cubin for each and
                          PTX for newer GPUs (suffixes such as 90a are allowed); see
-                         gencode_flags() for the sources compiled to PTX once.
+                         gencode_flags() for the sources compiled to PTX once. With 90 (or 90a)
+                         the Hopper forward (instantiations/fwd_sm90_*.cu) is built for sm_90a.
   MAX_JOBS               parallel nvcc processes (default: the number of usable cores).
   FLASH_JAX_CCACHE       auto (default): prefix nvcc with ccache when ccache is on PATH; 0: never.
   CUDA_HOME / CUDA_PATH  the CUDA toolkit (default: nvcc on PATH, else /usr/local/cuda).
@@ -48,6 +49,11 @@ CSRC = ROOT / "csrc"
 
 KERNEL_SOURCES = sorted([CSRC / "flash_jax" / "dispatch.cu",
                          *(CSRC / "instantiations").glob("*.cu")])
+DISPATCH_SOURCE = CSRC / "flash_jax" / "dispatch.cu"
+# The Hopper kernels use wgmma, an sm_90a (architecture-specific) instruction: compiled for that
+# target alone, and only when the architectures include 90; dispatch.cu then calls them.
+SM90_SOURCE = re.compile(r"_sm90_")
+SM90_DEFINE = "-DFLASH_JAX_SM90_KERNELS"
 EXTENSION_SOURCES = [CSRC / "bindings.cc", CSRC / "ffi" / "attention_ffi.cc"]
 # Headers the extension sources include from this repository; setuptools does not scan includes.
 EXTENSION_DEPENDS = [CSRC / "ffi" / "attention_ffi.h", CSRC / "flash_jax" / "api.h",
@@ -142,6 +148,26 @@ def gencode_flags(archs: list[str], arch_specific: bool = True) -> list[str]:
 
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def builds_sm90(archs: list[str]) -> bool:
+  return any(_arch_number(a) == 90 for a in archs)
+
+
+def kernel_sources(archs: list[str]) -> list[pathlib.Path]:
+  """The sources to compile for archs: all but the Hopper ones when 90 is not among them."""
+  return [s for s in KERNEL_SOURCES if builds_sm90(archs) or not SM90_SOURCE.search(s.name)]
+
+
+def source_flags(source: pathlib.Path, archs: list[str]) -> list[str]:
+  """The per-source part of nvcc's flags: architectures, and the define that tells dispatch.cu
+  that the Hopper kernels are linked."""
+  if SM90_SOURCE.search(source.name):
+    return ["-gencode=arch=compute_90a,code=sm_90a"]
+  flags = gencode_flags(archs, tests_cuda_arch(source))
+  if source == DISPATCH_SOURCE and builds_sm90(archs):
+    flags.append(SM90_DEFINE)
+  return flags
 
 
 def tests_cuda_arch(source: pathlib.Path, seen: set[pathlib.Path] | None = None) -> bool:
@@ -285,7 +311,7 @@ def build_kernel_library(nvcc: pathlib.Path, build_root: pathlib.Path) -> pathli
     obj, depfile = out_dir / f"{stem}.o", out_dir / f"{stem}.d"
     if _up_to_date(obj, depfile):
       return obj, False
-    command = [*launcher, str(nvcc), *flags, *gencode_flags(archs, tests_cuda_arch(source)),
+    command = [*launcher, str(nvcc), *flags, *source_flags(source, archs),
                "-MD", "-MF", str(depfile), "-c", str(source), "-o", str(obj)]
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -299,10 +325,11 @@ def build_kernel_library(nvcc: pathlib.Path, build_root: pathlib.Path) -> pathli
     return obj, True
 
   jobs = max_jobs()
-  _log(f"compiling {len(KERNEL_SOURCES)} kernel sources for sm {', '.join(archs)} with "
+  sources = kernel_sources(archs)
+  _log(f"compiling {len(sources)} kernel sources for sm {', '.join(archs)} with "
        f"{jobs} parallel nvcc jobs into {out_dir.relative_to(build_root.parent)}")
   with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-    results = list(pool.map(compile_one, KERNEL_SOURCES))
+    results = list(pool.map(compile_one, sources))
   library = out_dir / "libflash_jax_kernels.a"
   objects = [obj for obj, _ in results]
   if any(rebuilt for _, rebuilt in results) or not library.exists():

@@ -55,10 +55,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import datetime
 import json
 import math
+import os
 import pathlib
 import re
 import statistics
@@ -74,6 +76,9 @@ import flash_jax
 from flash_jax import _cuda
 
 IMPLS = ("flash_jax", "cudnn", "xla")
+# Opt-in (--impls): flash_jax with the sm80 kernels on a Hopper GPU (FLASH_JAX_DISABLE_SM90), the
+# comparison of the two forward kernels in one run.
+EXTRA_IMPLS = ("flash_jax_sm80",)
 SUITES = ("grid", "seed", "masks", "dropout", "long", "memory")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -117,7 +122,8 @@ def parse_args(argv=None):
   boolean = {"true": True, "false": False}
   parser.add_argument("--suites", type=csv(str), default=list(SUITES),
                       help="comma-separated: " + ",".join(SUITES) + " (default all)")
-  parser.add_argument("--impls", type=csv(str), default=list(IMPLS), help=",".join(IMPLS))
+  parser.add_argument("--impls", type=csv(str), default=list(IMPLS),
+                      help=",".join(IMPLS + EXTRA_IMPLS))
   parser.add_argument("--modes", type=csv(str), default=list(MODES),
                       help="grid modes: " + ",".join(MODES))
   parser.add_argument("--dims", type=csv(int), default=None,
@@ -149,7 +155,7 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   if args.dtypes is None:
     args.dtypes = ["bfloat16"] if args.quick else ["bfloat16", "float16"]
-  for name, allowed in (("impls", IMPLS), ("modes", MODES), ("suites", SUITES),
+  for name, allowed in (("impls", IMPLS + EXTRA_IMPLS), ("modes", MODES), ("suites", SUITES),
                         ("variants", VARIANTS), ("dtypes", ("bfloat16", "float16", "float32"))):
     bad = [x for x in getattr(args, name) if x not in allowed]
     if bad:
@@ -297,7 +303,7 @@ def standard_attention_with_dropout(q, k, v, causal, kv_lengths, dropout_rng):
 def attention_fn(impl, causal, variant):
   """fn(q, k, v, extras) -> out; extras holds the arrays of the variant, named as flash_jax's
   arguments (make_extras)."""
-  if impl == "flash_jax":
+  if impl in ("flash_jax", "flash_jax_sm80"):
     def fn(q, k, v, extras):
       rate = DROPOUT_RATE if "dropout_rng" in extras else 0.0
       return flash_jax.attention(q, k, v, causal=causal, dropout_rate=rate, **extras)
@@ -448,8 +454,30 @@ def base_record(work, impl):
   return dict(work.point, impl=impl, causal=work.causal, mode=work.mode, variant=work.variant)
 
 
+@contextlib.contextmanager
+def kernel_choice(impl):
+  """flash_jax_sm80: the kernel dispatch reads FLASH_JAX_DISABLE_SM90 on every call."""
+  if impl != "flash_jax_sm80":
+    yield
+    return
+  previous = os.environ.get("FLASH_JAX_DISABLE_SM90")
+  os.environ["FLASH_JAX_DISABLE_SM90"] = "1"
+  try:
+    yield
+  finally:
+    if previous is None:
+      del os.environ["FLASH_JAX_DISABLE_SM90"]
+    else:
+      os.environ["FLASH_JAX_DISABLE_SM90"] = previous
+
+
 def run_point(work, impl, inputs, timing, peak):
   """One measurement; timing None: memory only; peak: also the device's peak memory."""
+  with kernel_choice(impl):
+    return _run_point(work, impl, inputs, timing, peak)
+
+
+def _run_point(work, impl, inputs, timing, peak):
   record = base_record(work, impl)
   try:
     fn = attention_fn(impl, work.causal, work.variant)
@@ -810,7 +838,7 @@ def dropout_report(records):
 
 def long_report(records):
   runs = sorted((r for r in records if r["suite"] == "long"),
-                key=lambda r: (r["seq"], r["causal"], IMPLS.index(r["impl"])))
+                key=lambda r: (r["seq"], r["causal"], (IMPLS + EXTRA_IMPLS).index(r["impl"])))
   rows = []
   for r in runs:
     target = LONG_TARGET_TFLOPS[r["causal"]]

@@ -62,6 +62,51 @@ def test_matches_reference_gpu(case):
   _run_case(case, gpu_devices()[0], case["dtype"])
 
 
+# On an H100/H200 the plain forward at head dims 64 and 128 runs the Hopper (wgmma) kernel; these
+# cases run the sm80 kernels there too (FLASH_JAX_DISABLE_SM90, read by the kernel dispatch on
+# every call), so both stay tested on the GPU the tests run on.
+SM80_ON_HOPPER_GRID = [
+    gpu_param(dict(head_dim=head_dim, seqs=seqs, heads=(4, 2), batch=2, causal=causal,
+                   dtype=dtype))
+    for head_dim, seqs, causal, dtype in [(64, (1023, 1024), True, "bfloat16"),
+                                          (128, (113, 203), False, "float16"),
+                                          (128, (300, 700), True, "bfloat16")]]
+
+
+@pytest.mark.parametrize("case", SM80_ON_HOPPER_GRID, ids=lambda c: _case_id(c))
+def test_matches_reference_sm80_kernels_gpu(case, monkeypatch):
+  monkeypatch.setenv("FLASH_JAX_DISABLE_SM90", "1")
+  _run_case(case, gpu_devices()[0], case["dtype"])
+
+
+BAND_OPTIONS = {
+    "window": dict(window=(300, 40)),
+    "window_causal": dict(window=(250, -1), causal=True),
+    "lengths_causal": dict(q_lengths=jnp.array([500, 700], jnp.int32),
+                           kv_lengths=jnp.array([1100, 390], jnp.int32), causal=True),
+}
+
+
+@pytest.mark.parametrize("head_dim,dtype", [gpu_param(64, "float16"), gpu_param(128, "bfloat16")])
+@pytest.mark.parametrize("option", list(BAND_OPTIONS))
+def test_band_and_lengths_over_many_key_blocks_gpu(option, head_dim, dtype):
+  """Window edges, causal and lengths across several 128-key blocks: the masked blocks at both
+  edges of the band and the sequence tails of the Hopper forward (head dims 64 and 128)."""
+  kwargs = BAND_OPTIONS[option]
+  inputs = random_inputs(11, 2, 700, 1100, 4, 2, head_dim, jnp.dtype(dtype))
+  q, k, v, dout, dlse = jax.device_put(inputs, gpu_devices()[0])
+
+  @jax.jit
+  def run(q, k, v, dout, dlse):
+    f = lambda q, k, v: flash_jax.attention(q, k, v, return_lse=True, **kwargs)
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    return (out, lse) + vjp((dout, dlse))
+
+  ref = reference_outputs(q, k, v, dout, dlse, precision="float64", **kwargs)
+  base = reference_outputs(q, k, v, dout, dlse, precision="input", **kwargs)
+  assert_matches(run(q, k, v, dout, dlse), ref, base)
+
+
 @pytest.mark.parametrize("device_kind", ["cpu", gpu_param("gpu")])
 def test_fully_masked_rows_are_zero_with_neg_inf_lse(device_kind):
   """Causal with seq_q > seq_k: the first seq_q - seq_k queries see no key."""

@@ -40,11 +40,18 @@ compile_one() {
   set -euo pipefail
   local source="$1" object
   object="$OUT/$(echo "${source#"$ROOT"/}" | tr / _).o"
+  # As setup.py: the Hopper sources (wgmma) build for sm_90a whatever ARCH is, and dispatch.cu
+  # is checked with its call into them.
+  local arch_flags=("-gencode=arch=compute_${ARCH},code=sm_${ARCH}")
+  case "$source" in
+    *_sm90_*.cu) arch_flags=("-gencode=arch=compute_90a,code=sm_90a") ;;
+    */dispatch.cu) arch_flags+=("-DFLASH_JAX_SM90_KERNELS") ;;
+  esac
   case "$source" in
     *.cu)
       "$NVCC" -std=c++17 -O3 -DNDEBUG --use_fast_math --expt-relaxed-constexpr -lineinfo \
         -Xptxas=--warn-on-spills -Xcompiler -fPIC -Xcompiler -fvisibility=hidden \
-        "-gencode=arch=compute_${ARCH},code=sm_${ARCH}" -I"$ROOT/csrc" -isystem="$CUTLASS_INCLUDE" \
+        "${arch_flags[@]}" -I"$ROOT/csrc" -isystem="$CUTLASS_INCLUDE" \
         -c "$source" -o "$object" ;;
     *.cc)
       "$CXX" -std=c++17 -O2 -fPIC -fvisibility=hidden -Wall -Wextra -I"$ROOT/csrc" \

@@ -1,8 +1,12 @@
 // The one place that maps run-time dtype and head-dim bucket to an instantiated launcher.
+#include <cstdlib>
+#include <cstring>
+
 #include <cutlass/numeric_types.h>
 
 #include "flash_jax/api.h"
 #include "flash_jax/common/mask_cells.cuh"
+#include "flash_jax/device_limits.h"
 #include "flash_jax/launch.h"
 
 namespace flash_jax {
@@ -33,9 +37,24 @@ std::string dispatch(const Params& params, cudaStream_t stream, const char* dire
   }
 }
 
+// What the Hopper forward covers: plain attention (the mask band and lengths included) without
+// softcap or split-KV, on a compute capability 9.0 device. FLASH_JAX_DISABLE_SM90 (any value but
+// "0"), read on every call, runs the sm80 kernels instead: benchmarks and tests compare the two.
+bool sm90_forward_applies(const FwdParams& params) {
+  const char* disabled = std::getenv("FLASH_JAX_DISABLE_SM90");
+  if (disabled != nullptr && *disabled != '\0' && std::strcmp(disabled, "0") != 0) return false;
+  return extras_level(params) == ExtrasLevel::kNone && params.num_splits == 1 &&
+         !(params.softcap > 0.f) && device_is_sm90();
+}
+
 struct LaunchFwd {
   template <typename Element, int kHeadDim>
   static std::string run(const FwdParams& params, cudaStream_t stream) {
+#if defined(FLASH_JAX_SM90_KERNELS)
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+      if (sm90_forward_applies(params)) return launch_fwd_sm90<Element, kHeadDim>(params, stream);
+    }
+#endif
     return launch_fwd<Element, kHeadDim>(params, stream);
   }
 };

@@ -1,5 +1,5 @@
 // Launchers of the instantiated kernels, one specialisation per (Element, head-dim bucket).
-// Declared here for dispatch.cu; defined in flash_jax/sm80/{fwd,bwd}_launch.cuh and explicitly
+// Declared here for dispatch.cu; defined in flash_jax/sm{80,90}/*_launch.cuh and explicitly
 // instantiated in csrc/instantiations/*.cu. Element is cutlass::half_t or cutlass::bfloat16_t.
 // Each returns "" on success, else a message; none synchronises, allocates or aborts.
 #pragma once
@@ -27,5 +27,10 @@ std::string launch_fwd_extras(const FwdParams& params, cudaStream_t stream);
 
 template <typename Element, int kHeadDim>
 std::string launch_bwd_extras_main(const BwdParams& params, int smem_limit, cudaStream_t stream);
+
+// The Hopper forward (wgmma, sm_90a; csrc/instantiations/fwd_sm90_*.cu, built when the
+// architectures include 90): plain attention at head dims 64 and 128 on compute capability 9.0.
+template <typename Element, int kHeadDim>
+std::string launch_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 
 }  // namespace flash_jax

@@ -44,6 +44,17 @@ struct OnlineSoftmax {
   // still -inf uses 0 as its max, so it yields p = 0, never NaN.
   template <typename ScoresRowCol, typename AccRowCol>
   __device__ void update(ScoresRowCol& scores, AccRowCol& acc_o, float scale_log2) {
+    float correction[kRows];
+    update_scores(scores, scale_log2, correction);
+    rescale(acc_o, correction);
+  }
+
+  // update() in two halves, for kernels whose product into acc_o is still in flight while the
+  // next tile's probabilities are computed (sm90): the scores half touches no output, and
+  // correction[r] is what acc_o's row r must then be multiplied by.
+  template <typename ScoresRowCol>
+  __device__ void update_scores(ScoresRowCol& scores, float scale_log2,
+                                float (&correction)[kRows]) {
     static_assert(decltype(cute::size<0>(scores))::value == kRows, "row count mismatch");
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -55,9 +66,7 @@ struct OnlineSoftmax {
       float new_max = fmaxf(previous_max, tile_max);
       row_max[r] = new_max;
       float max_scaled = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      float correction = fast_exp2(previous_max * scale_log2 - max_scaled);
-#pragma unroll
-      for (int c = 0; c < cute::size<1>(acc_o); ++c) acc_o(r, c) *= correction;
+      correction[r] = fast_exp2(previous_max * scale_log2 - max_scaled);
       float tile_sum = 0.f;
 #pragma unroll
       for (int c = 0; c < cute::size<1>(scores); ++c) {
@@ -65,7 +74,16 @@ struct OnlineSoftmax {
         scores(r, c) = p;
         tile_sum += p;
       }
-      row_sum[r] = row_sum[r] * correction + tile_sum;
+      row_sum[r] = row_sum[r] * correction[r] + tile_sum;
+    }
+  }
+
+  template <typename AccRowCol>
+  __device__ void rescale(AccRowCol& acc_o, const float (&correction)[kRows]) const {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < cute::size<1>(acc_o); ++c) acc_o(r, c) *= correction[r];
     }
   }
 
