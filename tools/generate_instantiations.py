@@ -21,6 +21,8 @@ LAUNCHERS = (
     # Compiled for sm_90a only (setup.py: SM90_SOURCE); dispatch.cu names the same buckets.
     ("fwd_sm90", "flash_jax/sm90/fwd_launch.cuh", "launch_fwd_sm90",
      "const FwdParams&, cudaStream_t", (64, 128)),
+    ("bwd_sm90", "flash_jax/sm90/bwd_launch.cuh", "launch_bwd_sm90",
+     "const BwdParams&, cudaStream_t", (64, 128)),
 )
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
 

@@ -37,14 +37,24 @@ std::string dispatch(const Params& params, cudaStream_t stream, const char* dire
   }
 }
 
-// What the Hopper forward covers: plain attention (the mask band and lengths included) without
-// softcap or split-KV, on a compute capability 9.0 device. FLASH_JAX_DISABLE_SM90 (any value but
-// "0"), read on every call, runs the sm80 kernels instead: benchmarks and tests compare the two.
-bool sm90_forward_applies(const FwdParams& params) {
+// FLASH_JAX_DISABLE_SM90 (any value but "0"), read on every call, runs the sm80 kernels on a
+// Hopper GPU too: benchmarks and tests compare the two.
+bool sm90_disabled() {
   const char* disabled = std::getenv("FLASH_JAX_DISABLE_SM90");
-  if (disabled != nullptr && *disabled != '\0' && std::strcmp(disabled, "0") != 0) return false;
+  return disabled != nullptr && *disabled != '\0' && std::strcmp(disabled, "0") != 0;
+}
+
+// What the Hopper forward covers: plain attention (the mask band and lengths included) without
+// softcap or split-KV, on a compute capability 9.0 device.
+bool sm90_forward_applies(const FwdParams& params) {
   return extras_level(params) == ExtrasLevel::kNone && params.num_splits == 1 &&
-         !(params.softcap > 0.f) && device_is_sm90();
+         !(params.softcap > 0.f) && !sm90_disabled() && device_is_sm90();
+}
+
+// The Hopper backward: the same, and not deterministic (its dQ is accumulated atomically).
+bool sm90_backward_applies(const BwdParams& params) {
+  return extras_level(params) == ExtrasLevel::kNone && !params.deterministic &&
+         !(params.softcap > 0.f) && !sm90_disabled() && device_is_sm90();
 }
 
 struct LaunchFwd {
@@ -62,6 +72,11 @@ struct LaunchFwd {
 struct LaunchBwd {
   template <typename Element, int kHeadDim>
   static std::string run(const BwdParams& params, cudaStream_t stream) {
+#if defined(FLASH_JAX_SM90_KERNELS)
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+      if (sm90_backward_applies(params)) return launch_bwd_sm90<Element, kHeadDim>(params, stream);
+    }
+#endif
     return launch_bwd<Element, kHeadDim>(params, stream);
   }
 };

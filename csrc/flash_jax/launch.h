@@ -28,9 +28,14 @@ std::string launch_fwd_extras(const FwdParams& params, cudaStream_t stream);
 template <typename Element, int kHeadDim>
 std::string launch_bwd_extras_main(const BwdParams& params, int smem_limit, cudaStream_t stream);
 
-// The Hopper forward (wgmma, sm_90a; csrc/instantiations/fwd_sm90_*.cu, built when the
+// The Hopper forward (wgmma, sm_90a; csrc/instantiations/*_sm90_*.cu, built when the
 // architectures include 90): plain attention at head dims 64 and 128 on compute capability 9.0.
 template <typename Element, int kHeadDim>
 std::string launch_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+
+// The Hopper backward: the sm80 sequence with a wgmma dK/dV (+ atomic dQ) kernel; plain
+// attention at head dims 64 and 128, not deterministic, on compute capability 9.0.
+template <typename Element, int kHeadDim>
+std::string launch_bwd_sm90(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace flash_jax

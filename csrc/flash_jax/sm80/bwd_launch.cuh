@@ -151,13 +151,13 @@ std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t st
                 query_grid, dq_smem, smem_limit, stream, params);
 }
 
-}  // namespace bwd
-
-template <typename Element, int kHeadDim>
-std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
-  using Traits = typename bwd::BwdConfig<Element, kHeadDim>::Traits;
-  using RowShape = bwd::RowVectorShape<kHeadDim>;
-  std::string error = bwd::check_params(params, kHeadDim);
+// The backward's sequence on `stream`: preprocess, the main kernels, the dQ conversion.
+// plain_main(params, smem_limit, stream) runs the main kernels of plain attention (no extras):
+// the sm80 ones here, the Hopper dK/dV kernel from sm90/bwd_launch.cuh.
+template <typename Element, int kHeadDim, typename PlainMain>
+std::string run_sequence(const BwdParams& params, cudaStream_t stream, PlainMain&& plain_main) {
+  using RowShape = RowVectorShape<kHeadDim>;
+  std::string error = check_params(params, kHeadDim);
   if (!error.empty()) return "flash_jax backward: " + error;
   if (params.batch == 0 || params.heads == 0) return "";
   const int smem_limit = max_dynamic_smem_per_block(&error);
@@ -165,12 +165,11 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
 
   const unsigned heads = params.heads;
   const unsigned batch = params.batch;
-  const int seqlen_q_padded = bwd::padded_seqlen_q(params.seqlen_q);
-  const bool softcap = params.softcap > 0.f;
+  const int seqlen_q_padded = padded_seqlen_q(params.seqlen_q);
 
   // The deterministic dQ kernel writes dq itself; dq_accum is then unused and not zeroed.
-  error = bwd::launch_row_kernel(
-      bwd::preprocess_kernel<Element, kHeadDim>, "backward preprocess",
+  error = launch_row_kernel(
+      preprocess_kernel<Element, kHeadDim>, "backward preprocess",
       dim3(seqlen_q_padded / RowShape::kRowsPerBlock, heads, batch), stream, params,
       /*zero_dq_accum=*/!params.deterministic);
   if (!error.empty()) return "flash_jax " + error;
@@ -185,22 +184,32 @@ std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
       }
     }
     error = launch_bwd_extras_main<Element, kHeadDim>(params, smem_limit, stream);
-  } else if (softcap) {
-    error = bwd::launch_main<Traits, true>(params, smem_limit, stream);
   } else {
-    error = bwd::launch_main<Traits, false>(params, smem_limit, stream);
+    error = plain_main(params, smem_limit, stream);
   }
   if (!error.empty()) return "flash_jax " + error;
   if (params.deterministic) return "";
   const dim3 row_grid((params.seqlen_q + RowShape::kRowsPerBlock - 1) / RowShape::kRowsPerBlock,
                       heads, batch);
   if (row_grid.x == 0) return "";
-  bwd::convert_dq_kernel<Element, kHeadDim><<<row_grid, 256, 0, stream>>>(params);
+  convert_dq_kernel<Element, kHeadDim><<<row_grid, 256, 0, stream>>>(params);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
     return std::string("flash_jax backward dQ conversion: ") + cudaGetErrorString(status);
   }
   return "";
+}
+
+}  // namespace bwd
+
+template <typename Element, int kHeadDim>
+std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
+  using Traits = typename bwd::BwdConfig<Element, kHeadDim>::Traits;
+  return bwd::run_sequence<Element, kHeadDim>(
+      params, stream, [](const BwdParams& p, int smem_limit, cudaStream_t s) {
+        return p.softcap > 0.f ? bwd::launch_main<Traits, true>(p, smem_limit, s)
+                               : bwd::launch_main<Traits, false>(p, smem_limit, s);
+      });
 }
 
 }  // namespace flash_jax
