@@ -71,12 +71,13 @@ def _options(name, batch, seq_q, seq_k):
   return options[name]
 
 
-def _check(device, dtype, seqs, kwargs, bias=None, fn=flash_jax.attention, ref_kwargs=None):
+def _check(device, dtype, seqs, kwargs, bias=None, fn=flash_jax.attention, ref_kwargs=None,
+           head_dim=HEAD_DIM):
   """Runs fn (with bias as a differentiable argument when given) and applies the oracle to
   out, lse, dq, dk, dv (and dbias). Returns the outputs."""
   seq_q, seq_k = seqs
   q, k, v, dout, dlse = random_inputs(sum(seqs) + len(kwargs), BATCH, seq_q, seq_k, HEADS,
-                                      KV_HEADS, HEAD_DIM, jnp.dtype(dtype))
+                                      KV_HEADS, head_dim, jnp.dtype(dtype))
   primals = (q, k, v) if bias is None else (q, k, v, bias)
   ref_kwargs = kwargs if ref_kwargs is None else ref_kwargs
 
@@ -149,6 +150,16 @@ def test_long_walked_rows_gpu(option, seqs):
   round, the 16-byte loads of an aligned row (batch row 0) with its ragged end, and the scalar
   loads of a misaligned one (row 1 starts 4645 ids in)."""
   _check(gpu_devices()[0], "bfloat16", seqs, _long_row_options(option, *seqs))
+
+
+@pytest.mark.parametrize("option", [gpu_param(name) for name in
+                                    ("segment_ids", "segment_ids_unsorted", "mask_lengths")])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_visibility_at_head_dims_64_128_gpu(option, head_dim):
+  """Segment ids and a dense mask with lengths over several 128-key blocks with ragged ends, at
+  the head dims of the Hopper kernels' visibility variant (on an H100/H200)."""
+  seqs = (700, 1100)
+  _check(gpu_devices()[0], "bfloat16", seqs, _long_row_options(option, *seqs), head_dim=head_dim)
 
 
 BIAS_SHAPES = [(BATCH, HEADS, *SEQS), (1, HEADS, 1, SEQS[1]), SEQS, (BATCH, 1, SEQS[0], 1)]

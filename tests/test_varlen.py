@@ -18,12 +18,12 @@ TOTAL_Q, TOTAL_K = 37, 43  # 3 query and 3 key tokens past the last sequence
 MAX_Q, MAX_K = 19, 16
 
 
-def _inputs(seed, dtype, kv_heads=KV_HEADS):
+def _inputs(seed, dtype, kv_heads=KV_HEADS, head_dim=HEAD_DIM):
   keys = jax.random.split(jax.random.key(seed), 5)
   normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
-  q = normal(keys[0], (TOTAL_Q, HEADS, HEAD_DIM))
-  k = normal(keys[1], (TOTAL_K, kv_heads, HEAD_DIM))
-  v = normal(keys[2], (TOTAL_K, kv_heads, HEAD_DIM))
+  q = normal(keys[0], (TOTAL_Q, HEADS, head_dim))
+  k = normal(keys[1], (TOTAL_K, kv_heads, head_dim))
+  v = normal(keys[2], (TOTAL_K, kv_heads, head_dim))
   dout = normal(keys[3], q.shape)
   dlse = jax.random.normal(keys[4], (HEADS, TOTAL_Q), jnp.float32)
   return q, k, v, dout, dlse
@@ -45,8 +45,8 @@ def _reference(q, k, v, *, compute_dtype, **kwargs):
   return out, lse
 
 
-def _check(device, dtype, kv_heads=KV_HEADS, **kwargs):
-  q, k, v, dout, dlse = _inputs(kv_heads + len(kwargs), jnp.dtype(dtype), kv_heads)
+def _check(device, dtype, kv_heads=KV_HEADS, head_dim=HEAD_DIM, **kwargs):
+  q, k, v, dout, dlse = _inputs(kv_heads + len(kwargs), jnp.dtype(dtype), kv_heads, head_dim)
 
   def flash(q, k, v):
     return flash_jax.attention_varlen(q, k, v, jnp.asarray(CU_Q), jnp.asarray(CU_K),
@@ -87,6 +87,12 @@ def test_kv_head_counts(kv_heads):
 @pytest.mark.parametrize("option", [gpu_param(name) for name in OPTIONS])
 def test_matches_per_sequence_reference_gpu(option):
   _check(gpu_devices()[0], "bfloat16", **OPTIONS[option])
+
+
+@pytest.mark.parametrize("option", [gpu_param(name) for name in ("causal", "causal_window")])
+def test_head_dim_128_gpu(option):
+  """Positions at head dim 128: the Hopper kernels' visibility variant on an H100/H200."""
+  _check(gpu_devices()[0], "float16", head_dim=128, **OPTIONS[option])
 
 
 def test_padding_tokens_and_keyless_sequences():

@@ -44,17 +44,23 @@ bool sm90_disabled() {
   return disabled != nullptr && *disabled != '\0' && std::strcmp(disabled, "0") != 0;
 }
 
-// What the Hopper forward covers: plain attention (the mask band and lengths included) without
-// softcap or split-KV, on a compute capability 9.0 device.
-bool sm90_forward_applies(const FwdParams& params) {
-  return extras_level(params) == ExtrasLevel::kNone && params.num_splits == 1 &&
+// What the Hopper kernels cover: plain attention (the mask band and lengths included) and the
+// visibility extras (segment ids, positions, dense mask), without softcap, bias, ALiBi or
+// dropout, on a compute capability 9.0 device.
+bool sm90_covers(const AttentionParams& params) {
+  const ExtrasLevel level = extras_level(params);
+  return (level == ExtrasLevel::kNone || level == ExtrasLevel::kVisibility) &&
          !(params.softcap > 0.f) && !sm90_disabled() && device_is_sm90();
 }
 
-// The Hopper backward: the same, and not deterministic (its dQ is accumulated atomically).
+// The forward without split-KV; the backward not deterministic (its dQ is accumulated
+// atomically).
+bool sm90_forward_applies(const FwdParams& params) {
+  return params.num_splits == 1 && sm90_covers(params);
+}
+
 bool sm90_backward_applies(const BwdParams& params) {
-  return extras_level(params) == ExtrasLevel::kNone && !params.deterministic &&
-         !(params.softcap > 0.f) && !sm90_disabled() && device_is_sm90();
+  return !params.deterministic && sm90_covers(params);
 }
 
 struct LaunchFwd {

@@ -152,10 +152,11 @@ std::string launch_main(const BwdParams& params, int smem_limit, cudaStream_t st
 }
 
 // The backward's sequence on `stream`: preprocess, the main kernels, the dQ conversion.
-// plain_main(params, smem_limit, stream) runs the main kernels of plain attention (no extras):
-// the sm80 ones here, the Hopper dK/dV kernel from sm90/bwd_launch.cuh.
-template <typename Element, int kHeadDim, typename PlainMain>
-std::string run_sequence(const BwdParams& params, cudaStream_t stream, PlainMain&& plain_main) {
+// plain_main / extras_main(params, smem_limit, stream) run the main kernels without / with
+// extras (params.h): the sm80 ones here, the Hopper dK/dV kernels from sm90/bwd_launch.cuh.
+template <typename Element, int kHeadDim, typename PlainMain, typename ExtrasMain>
+std::string run_sequence(const BwdParams& params, cudaStream_t stream, PlainMain&& plain_main,
+                         ExtrasMain&& extras_main) {
   using RowShape = RowVectorShape<kHeadDim>;
   std::string error = check_params(params, kHeadDim);
   if (!error.empty()) return "flash_jax backward: " + error;
@@ -183,7 +184,7 @@ std::string run_sequence(const BwdParams& params, cudaStream_t stream, PlainMain
         return std::string("flash_jax backward: zeroing dbias: ") + cudaGetErrorString(status);
       }
     }
-    error = launch_bwd_extras_main<Element, kHeadDim>(params, smem_limit, stream);
+    error = extras_main(params, smem_limit, stream);
   } else {
     error = plain_main(params, smem_limit, stream);
   }
@@ -206,10 +207,12 @@ template <typename Element, int kHeadDim>
 std::string launch_bwd(const BwdParams& params, cudaStream_t stream) {
   using Traits = typename bwd::BwdConfig<Element, kHeadDim>::Traits;
   return bwd::run_sequence<Element, kHeadDim>(
-      params, stream, [](const BwdParams& p, int smem_limit, cudaStream_t s) {
+      params, stream,
+      [](const BwdParams& p, int smem_limit, cudaStream_t s) {
         return p.softcap > 0.f ? bwd::launch_main<Traits, true>(p, smem_limit, s)
                                : bwd::launch_main<Traits, false>(p, smem_limit, s);
-      });
+      },
+      launch_bwd_extras_main<Element, kHeadDim>);
 }
 
 }  // namespace flash_jax

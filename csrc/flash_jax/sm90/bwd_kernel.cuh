@@ -8,8 +8,10 @@
 //   issue S^T = K Q^T and dP^T = V dO^T | wait S^T: mask, P^T | wait dP^T: dS^T = P^T (dP^T - D)
 //   issue dV += P^T dO and dK += dS^T Q (P, dS from registers) | dS^T to shared memory
 //   barrier | dQ = dS K | reductions into dq_accum
-// Plain attention only (band masks and lengths included), no softcap, not deterministic; the
-// rest runs on the sm80 kernels (dispatch.cu). Preprocess and dQ conversion are the sm80 ones.
+// Band masks and lengths, and (kExtras = kVisibility) segment ids, positions and a dense mask,
+// whose query blocks are classified first (common/extras.cuh) so that only visible ones are
+// visited; no softcap, bias, ALiBi or dropout, not deterministic: those run on the sm80 kernels
+// (dispatch.cu). Preprocess and dQ conversion are the sm80 ones.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,6 +22,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "flash_jax/common/extras.cuh"
 #include "flash_jax/common/fragment.cuh"
 #include "flash_jax/common/mask.cuh"
 #include "flash_jax/common/softmax.cuh"
@@ -100,8 +103,9 @@ struct BwdTraits {
                 "output staging fits below V");
 };
 
-// Grid: (key blocks, heads, batch), 256 threads.
-template <typename Traits>
+// Grid: (key blocks, heads, batch), 256 threads. kExtras: kNone or kVisibility; the latter's
+// Extras and tile states follow the tiles in shared memory.
+template <typename Traits, ExtrasLevel kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) dkdv_kernel(const __grid_constant__ BwdParams params) {
   using namespace cute;
   using Element = typename Traits::Element;
@@ -122,9 +126,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) dkdv_kernel(const __grid
   const int key_begin = n_block * kBlockN;
   int first_row, end_row;
   mask.query_row_range(key_begin, min(key_begin + kBlockN, mask.seqlen_k), &first_row, &end_row);
-  const int m_block_begin = first_row / kBlockM;
-  const int m_block_end = end_row > first_row ? (end_row + kBlockM - 1) / kBlockM : m_block_begin;
+  int m_block_begin = first_row / kBlockM;
+  int m_block_end = end_row > first_row ? (end_row + kBlockM - 1) / kBlockM : m_block_begin;
   const float scale_log2 = params.softmax_scale * bwd::kLog2e;
+  static_assert(kExtras == ExtrasLevel::kNone || kExtras == ExtrasLevel::kVisibility,
+                "the Hopper backward takes no score extras");
+  constexpr bool kTileStates = classifies_tiles(kExtras);
+  Extras* extras = reinterpret_cast<Extras*>(smem + Traits::kSmemBytes);
+  uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes + kExtrasSmemBytes;
+  const int states_begin = m_block_begin;
+  Extras unused_registers{};
+  prepare_extras<kExtras, Traits::kNThreads, kBlockM, false>(
+      extras, unused_registers, params, batch, head, params.softmax_scale, mask, key_begin,
+      min(key_begin + kBlockN, mask.seqlen_k), kBlockN, m_block_begin, m_block_end, tile_states);
 
   const int64_t bh = int64_t(batch) * params.heads + head;
   const int seqlen_q_padded = bwd::padded_seqlen_q(params.seqlen_q);
@@ -241,13 +255,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) dkdv_kernel(const __grid
     load_q_do(m_block_begin, 0);
     cp_async_fence();
 
-    for (int m = m_block_begin; m < m_block_end; ++m) {
-      const int stage = (m - m_block_begin) % kStages;
+    // The i-th visited query block goes to stage i % 2.
+    for (int m = m_block_begin, next = 0, stage = 0; m < m_block_end; m = next, stage ^= 1) {
       const int row_begin = m * kBlockM;
+      if constexpr (kTileStates) {
+        next = visible_block_at_or_above(tile_states, states_begin, m_block_end, m + 1);
+      } else {
+        next = m + 1;
+      }
       cp_async_wait<0>();
       fence_async_shared();
       __syncthreads();
-      if (m + 1 < m_block_end) load_q_do(m + 1, stage ^ 1);
+      if (next < m_block_end) load_q_do(next, stage ^ 1);
       cp_async_fence();
 
       warpgroup_gemm<true, -1>(tiled_mma_sdp, tSrK, tSrQ(_, _, _, stage), acc_s);
@@ -267,6 +286,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) dkdv_kernel(const __grid
         for (int i = 0; i < size(acc_s); ++i) {
           if (!mask.allowed(row_begin + get<1>(coords_s(i)), key_begin + get<0>(coords_s(i)))) {
             acc_s(i) = -INFINITY;
+          }
+        }
+      }
+      if constexpr (kTileStates) {
+        if (tile_states[m - states_begin] == kTilePartial) {
+#pragma unroll
+          for (int i = 0; i < size(acc_s); ++i) {
+            const int row = row_begin + get<1>(coords_s(i));
+            const int col = key_begin + get<0>(coords_s(i));
+            if (row < extras->seqlen_q && col < extras->seqlen_k && !extras->visible(row, col)) {
+              acc_s(i) = -INFINITY;
+            }
           }
         }
       }

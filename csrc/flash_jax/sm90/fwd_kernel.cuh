@@ -13,8 +13,10 @@
 // so each warpgroup's softmax overlaps its own P V product, and the two warpgroups' products
 // interleave on the tensor cores.
 //
-// Plain attention only: causal (both alignments), windows, q/kv lengths, GQA, fp16/bf16. Softcap,
-// the extras levels and split-KV run on the sm80 kernels (dispatch.cu decides).
+// Causal (both alignments), windows, q/kv lengths, GQA, fp16/bf16, and (kExtras = kVisibility)
+// segment ids, varlen positions and a dense mask: those classify the CTA's key blocks first
+// (common/extras.cuh, as the sm80 extras kernels) and visit only the visible ones. Softcap, bias,
+// ALiBi, dropout and split-KV run on the sm80 kernels (dispatch.cu decides).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,6 +26,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "flash_jax/common/extras.cuh"
 #include "flash_jax/common/fragment.cuh"
 #include "flash_jax/common/mask.cuh"
 #include "flash_jax/common/softmax.cuh"
@@ -92,15 +95,15 @@ struct FwdTraits {
   static_assert(kBlockM * kOutRowElems * kTileBytes <= kSmemBytes, "output staging fits");
 };
 
-// Grid: (query blocks, heads, batch), query blocks in reverse as in the sm80 kernel.
-template <typename Traits>
+// Grid: (query blocks, heads, batch), query blocks in reverse as in the sm80 kernel. kExtras:
+// kNone or kVisibility; the latter's Extras and tile states follow the tiles in shared memory.
+template <typename Traits, ExtrasLevel kExtras>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_constant__ FwdParams params) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kStages = Traits::kStages;
 
   extern __shared__ __align__(1024) char smem[];
 
@@ -118,6 +121,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
   int n_unmasked_begin, n_unmasked_end;
   mask.unmasked_key_block_range(row_begin, row_end, kBlockN, &n_unmasked_begin, &n_unmasked_end);
   const SoftmaxScales scales = SoftmaxScales::make(params.softmax_scale, 0.f);
+  static_assert(kExtras == ExtrasLevel::kNone || kExtras == ExtrasLevel::kVisibility,
+                "the Hopper forward takes no score extras");
+  constexpr bool kTileStates = classifies_tiles(kExtras);
+  // The Extras stay in shared memory (no registers to spare at 253): read only on partial tiles.
+  Extras* extras = reinterpret_cast<Extras*>(smem + Traits::kSmemBytes);
+  uint8_t* tile_states = reinterpret_cast<uint8_t*>(smem) + Traits::kSmemBytes + kExtrasSmemBytes;
+  const int states_begin = n_block_begin;
+  Extras unused_registers{};
+  prepare_extras<kExtras, Traits::kNThreads, kBlockN, true>(
+      extras, unused_registers, params, batch, head, scales.scale, mask, row_begin, row_end,
+      kBlockM, n_block_begin, n_block_end, tile_states);
 
   typename Traits::TiledMmaS tiled_mma_s;
   typename Traits::TiledMmaO tiled_mma_o;
@@ -170,13 +184,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     const int seqlen_k = mask.seqlen_k;
     // Rows past seqlen_k (the sequence tail) are zero-filled: every K/V load checks rows, which
     // costs a compare per 16-byte copy and keeps one loop for all blocks.
-    auto load_k = [&](int n) {
-      Tensor dst = tKsK(_, _, _, n % kStages);
+    auto load_k = [&](int n, int stage) {
+      Tensor dst = tKsK(_, _, _, stage);
       sm80::load_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(kv_tile(k_ptr, params.k_row_stride, k_row_stride, n)),
                             dst, tKVcKV, col_ok, seqlen_k - n * kBlockN);
     };
-    auto load_v = [&](int n) {
-      Tensor dst = tVsV(_, _, _, n % kStages);
+    auto load_v = [&](int n, int stage) {
+      Tensor dst = tVsV(_, _, _, stage);
       sm80::load_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(kv_tile(v_ptr, params.v_row_stride, v_row_stride, n)),
                             dst, tKVcKV, col_ok, seqlen_k - n * kBlockN);
     };
@@ -190,20 +204,41 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     Tensor p = make_tensor<Element>(accum_as_operand_a_layout(acc_s.layout()));
     float correction[kRowsPerThread];
 
-    auto masked = [&](int n) { return n >= n_unmasked_end || n < n_unmasked_begin; };
+    // The next block to visit below n (below n_block_begin: none), and whether block n needs
+    // the per-element mask.
+    auto visit_after = [&](int n) {
+      if constexpr (kTileStates) {
+        return visible_block_at_or_below(tile_states, states_begin, n_block_begin, n - 1);
+      } else {
+        return n - 1;
+      }
+    };
+    auto masked = [&](int n) {
+      if constexpr (kTileStates) {
+        return tile_states[n - states_begin] != kTileFull;
+      } else {
+        return n >= n_unmasked_end || n < n_unmasked_begin;
+      }
+    };
     // S of block n, masked or not, turned into probabilities; acc_o must then be rescaled.
     auto scores_to_probabilities = [&](int n, auto apply_mask) __attribute__((always_inline)) {
-      if constexpr (decltype(apply_mask)::value) mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
+      if constexpr (decltype(apply_mask)::value) {
+        mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
+        if constexpr (kTileStates) extras->apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
+      }
       softmax.update_scores(acc_s_rowcol, scales.scale_log2, correction);
     };
 
-    const int n_first = n_block_end - 1;
+    // The i-th visited block's K and V go to stage i % 2.
+    const int n = n_block_end - 1;
+    int next = visit_after(n);
+    int stage = 0;
     sm80::load_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, col_ok, mask.seqlen_q - row_begin);
-    load_k(n_first);
+    load_k(n, stage);
     cp_async_fence();
-    load_v(n_first);
+    load_v(n, stage);
     cp_async_fence();
-    if (n_first - 1 >= n_block_begin) load_k(n_first - 1);
+    if (next >= n_block_begin) load_k(next, stage ^ 1);
     cp_async_fence();
     softmax.init();
     clear(acc_o);
@@ -211,27 +246,29 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     cp_async_wait<2>();
     fence_async_shared();
     __syncthreads();
-    warpgroup_gemm<true, 0>(tiled_mma_s, tSrQ, tSrK(_, _, _, n_first % kStages), acc_s);
-    if (masked(n_first)) {
-      scores_to_probabilities(n_first, cute::true_type{});
+    warpgroup_gemm<true, 0>(tiled_mma_s, tSrQ, tSrK(_, _, _, stage), acc_s);
+    if (masked(n)) {
+      scores_to_probabilities(n, cute::true_type{});
     } else {
-      scores_to_probabilities(n_first, cute::false_type{});
+      scores_to_probabilities(n, cute::false_type{});
     }
     convert_fragment(acc_s, p);
 
-    // Block n's P V product and block n - 1's scores; kMaskNext: block n - 1 is partially
-    // masked. A compile-time flag, as in the sm80 kernel (a run-time branch gets if-converted).
-    auto key_block = [&](int n, auto mask_next) __attribute__((always_inline)) {
-      const int next = n - 1;
+    // The P V product of the block whose P is in registers and the scores of `next`, the block
+    // visited after it; kMaskNext: `next` is
+    // partially masked. A compile-time flag, as in the sm80 kernel (a run-time branch gets
+    // if-converted).
+    auto key_block = [&](int after, auto mask_next) __attribute__((always_inline)) {
       cp_async_wait<0>();
       fence_async_shared();
       __syncthreads();
-      // Into the stages of blocks n + 1 and n, whose products every warpgroup has waited for.
-      load_v(next);
-      if (next - 1 >= n_block_begin) load_k(next - 1);
+      // Into the stages of the blocks before `next` and n, whose products every warpgroup has
+      // waited for.
+      load_v(next, stage ^ 1);
+      if (after >= n_block_begin) load_k(after, stage);
       cp_async_fence();
-      warpgroup_gemm<true, -1>(tiled_mma_s, tSrQ, tSrK(_, _, _, next % kStages), acc_s);
-      warpgroup_gemm<false, -1>(tiled_mma_o, p, tOrVt(_, _, _, n % kStages), acc_o);
+      warpgroup_gemm<true, -1>(tiled_mma_s, tSrQ, tSrK(_, _, _, stage ^ 1), acc_s);
+      warpgroup_gemm<false, -1>(tiled_mma_o, p, tOrVt(_, _, _, stage), acc_o);
       warpgroup_wait<1>();
       fence_fragment(acc_s);
       scores_to_probabilities(next, mask_next);
@@ -241,17 +278,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       softmax.rescale(acc_o_rowcol, correction);
       convert_fragment(acc_s, p);
     };
-    for (int n = n_first; n > n_block_begin; --n) {
-      if (masked(n - 1)) {
-        key_block(n, cute::true_type{});
+    while (next >= n_block_begin) {
+      const int after = visit_after(next);
+      if (masked(next)) {
+        key_block(after, cute::true_type{});
       } else {
-        key_block(n, cute::false_type{});
+        key_block(after, cute::false_type{});
       }
+      next = after;
+      stage ^= 1;
     }
     cp_async_wait<0>();
     fence_async_shared();
     __syncthreads();
-    warpgroup_gemm<false, 0>(tiled_mma_o, p, tOrVt(_, _, _, n_block_begin % kStages), acc_o);
+    warpgroup_gemm<false, 0>(tiled_mma_o, p, tOrVt(_, _, _, stage), acc_o);
     softmax.finalize(acc_o_rowcol, scales.scale, lse);
   } else {
     clear(acc_o);

@@ -1,4 +1,5 @@
-// Host launcher of the Hopper forward kernel (sm90/fwd_kernel.cuh): tiles per head-dim bucket.
+// Host launcher of the Hopper forward kernel (sm90/fwd_kernel.cuh): tiles per head-dim bucket,
+// the plain and the visibility (segment ids, positions, dense mask) variants.
 // Compiled for sm_90a only; dispatch.cu calls it on devices of compute capability 9.0 for the
 // calls the kernel covers (sm90_forward_applies), everything else runs the sm80 kernels.
 #pragma once
@@ -30,26 +31,55 @@ struct FwdConfig<Element, 128> {
 
 }  // namespace sm90
 
+namespace sm90 {
+
+template <typename Traits, ExtrasLevel kExtras>
+std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
+  auto kernel = fwd_kernel<Traits, kExtras>;
+  const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int smem_bytes = Traits::kSmemBytes + tile_state_smem_bytes<kExtras>(key_blocks);
+  int smem_attribute = smem_bytes;
+  if constexpr (classifies_tiles(kExtras)) {
+    // The tile states' size varies with seqlen_k: the attribute goes to the device maximum once.
+    std::string message;
+    smem_attribute = max_dynamic_smem_per_block(&message);
+    if (!message.empty()) return "flash_jax forward: " + message;
+    if (smem_bytes > smem_attribute) {
+      return "flash_jax forward: " + std::to_string(key_blocks) +
+             " key blocks need more shared memory for their tile states than the device has";
+    }
+  }
+  cudaError_t status =
+      sm80::raise_smem_limit(kernel, smem_attribute, smem_limit_raised, kMaxDevices);
+  if (status != cudaSuccess) {
+    return sm80::cuda_error_message("raising the shared-memory limit", status);
+  }
+  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads,
+                  params.batch);
+  kernel<<<grid, Traits::kNThreads, smem_bytes, stream>>>(params);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return sm80::cuda_error_message("sm90 kernel launch", status);
+  return "";
+}
+
+}  // namespace sm90
+
 template <typename Element, int kHeadDim>
 std::string launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   if (params.batch == 0 || params.heads == 0 || params.seqlen_q == 0) return "";
   std::string error = sm80::check_fwd_params(params, kHeadDim);
   if (!error.empty()) return error;
   using Traits = typename sm90::FwdConfig<Element, kHeadDim>::Main;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
-  auto kernel = sm90::fwd_kernel<Traits>;
-  cudaError_t status =
-      sm80::raise_smem_limit(kernel, Traits::kSmemBytes, smem_limit_raised, kMaxDevices);
-  if (status != cudaSuccess) {
-    return sm80::cuda_error_message("raising the shared-memory limit", status);
+  switch (extras_level(params)) {
+    case ExtrasLevel::kNone:
+      return sm90::launch_fwd_kernel<Traits, ExtrasLevel::kNone>(params, stream);
+    case ExtrasLevel::kVisibility:
+      return sm90::launch_fwd_kernel<Traits, ExtrasLevel::kVisibility>(params, stream);
+    default:
+      return "flash_jax forward: the sm90 kernels take no bias, ALiBi, dropout or softcap";
   }
-  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads,
-                  params.batch);
-  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
-  status = cudaGetLastError();
-  if (status != cudaSuccess) return sm80::cuda_error_message("sm90 kernel launch", status);
-  return "";
 }
 
 }  // namespace flash_jax
