@@ -83,13 +83,8 @@ struct BwdTraits {
       SmemLayoutdS{},
       cute::make_ordered_layout(cute::Shape<N, M>{}, cute::Step<cute::_2, cute::_1>{})));
 
-  static constexpr int kElemsPerVector = 16 / sizeof(Element);
-  static constexpr int kThreadsPerRow = 64 / kElemsPerVector;
-  using GmemTiledCopy = decltype(cute::make_tiled_copy(
-      cute::Copy_Atom<cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{},
-      cute::Layout<cute::Shape<cute::Int<kNThreads / kThreadsPerRow>, cute::Int<kThreadsPerRow>>,
-                   cute::Stride<cute::Int<kThreadsPerRow>, cute::_1>>{},
-      cute::Layout<cute::Shape<cute::_1, cute::Int<kElemsPerVector>>>{}));
+  using GmemTiledCopy = typename CpAsyncRowsCopy<Element, kNThreads>::TiledCopy;
+  static constexpr int kElemsPerVector = CpAsyncRowsCopy<Element, kNThreads>::kElemsPerVector;
 
   static constexpr int kElemBytes = static_cast<int>(sizeof(Element));
   static constexpr int kSmemQBytes = kStages * kBlockM * kHeadDim * kElemBytes;  // Q, and dO

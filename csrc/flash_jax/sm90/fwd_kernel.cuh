@@ -75,15 +75,8 @@ struct FwdTraits {
       cute::make_ordered_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{},
                                 cute::Step<cute::_2, cute::_1, cute::_3>{})));
 
-  // Global -> shared: 16-byte cp.async, eight threads per 64-element row segment (coalesced
-  // 128-byte segments).
-  static constexpr int kElemsPerVector = 16 / sizeof(Element);
-  static constexpr int kThreadsPerRow = 64 / kElemsPerVector;
-  using GmemTiledCopy = decltype(cute::make_tiled_copy(
-      cute::Copy_Atom<cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{},
-      cute::Layout<cute::Shape<cute::Int<kNThreads / kThreadsPerRow>, cute::Int<kThreadsPerRow>>,
-                   cute::Stride<cute::Int<kThreadsPerRow>, cute::_1>>{},
-      cute::Layout<cute::Shape<cute::_1, cute::Int<kElemsPerVector>>>{}));
+  using GmemTiledCopy = typename CpAsyncRowsCopy<Element, kNThreads>::TiledCopy;
+  static constexpr int kElemsPerVector = CpAsyncRowsCopy<Element, kNThreads>::kElemsPerVector;
 
   static constexpr int kTileBytes = static_cast<int>(sizeof(Element));
   static constexpr int kSmemQBytes = kBlockM * kHeadDim * kTileBytes;

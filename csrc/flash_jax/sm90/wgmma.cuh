@@ -1,5 +1,6 @@
-// Warpgroup MMA (wgmma, sm_90a) helpers of the Hopper kernels: issuing a tile product as one
-// batch, the accumulator's (rows, cols) view and its reuse as a register A operand.
+// Helpers of the Hopper (sm_90a) kernels: issuing a warpgroup MMA (wgmma) tile product as one
+// batch, the accumulator's (rows, cols) view and its reuse as a register A operand, and their
+// global -> shared tile copy.
 //
 // A wgmma accumulator of a 64 x N atom gives each thread the layout ((2, 2, N / 8), MMA_M, MMA_N):
 // (column pair, row half, 8-column group). Inside a warp this is the m16n8 layout of mma.sync
@@ -10,6 +11,7 @@
 
 #include <type_traits>
 
+#include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -57,6 +59,20 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, FragA& frag_
     if constexpr (kRegisterA) fence_fragment(frag_a);
   }
 }
+
+// Global -> shared tiles of rows of 64-element segments: 16-byte cp.async, eight threads per
+// segment (coalesced 128-byte segments), kThreads threads per CTA; zero-filling (see
+// sm80::load_tile).
+template <typename Element, int kThreads>
+struct CpAsyncRowsCopy {
+  static constexpr int kElemsPerVector = 16 / sizeof(Element);
+  static constexpr int kThreadsPerRow = 64 / kElemsPerVector;
+  using TiledCopy = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{},
+      cute::Layout<cute::Shape<cute::Int<kThreads / kThreadsPerRow>, cute::Int<kThreadsPerRow>>,
+                   cute::Stride<cute::Int<kThreadsPerRow>, cute::_1>>{},
+      cute::Layout<cute::Shape<cute::_1, cute::Int<kElemsPerVector>>>{}));
+};
 
 // ((2, 2, V), MMA_M, MMA_N) -> ((2, MMA_M), (2, V, MMA_N)): rows (row half, MMA_M) by columns.
 template <typename Layout>
