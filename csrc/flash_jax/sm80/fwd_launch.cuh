@@ -84,6 +84,9 @@ inline std::string cuda_error_message(const char* what, cudaError_t error) {
   return std::string("flash_jax forward: ") + what + ": " + cudaGetErrorString(error);
 }
 
+// Devices with per-device launcher state (flags of raised shared-memory limits).
+constexpr int kMaxDevices = 64;
+
 // Raises the kernel's dynamic shared-memory limit once per device (the attribute is per device
 // context; doing it on every call would cost a driver round trip per launch).
 template <typename Kernel>
@@ -103,18 +106,16 @@ cudaError_t raise_smem_limit(Kernel kernel, int bytes, std::atomic<bool>* done_p
   return error;
 }
 
-template <typename Traits, bool kSplit, bool kSoftcap, ExtrasLevel kExtras = ExtrasLevel::kNone>
-std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
-  auto kernel = fwd_kernel<Traits, kSplit, kSoftcap, kExtras>;
-  const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-  const int smem_bytes = Traits::kSmemBytes + tile_state_smem_bytes<kExtras>(key_blocks) +
-                         (kExtras == ExtrasLevel::kDropout ? kDropoutDrawsSmemBytes : 0);
+// Launches a forward kernel with smem_bytes of dynamic shared memory after raising its limit
+// (once per device; to the device maximum when tile_states: the tile states' size varies with
+// seqlen_k, and a smaller value set by one call must not fail a concurrent larger one).
+// smem_limit_raised: the kernel's own flags, one per device.
+template <typename Kernel>
+std::string launch_fwd_grid(Kernel kernel, std::atomic<bool>* smem_limit_raised, dim3 grid,
+                            int threads, int smem_bytes, bool tile_states, int key_blocks,
+                            const FwdParams& params, cudaStream_t stream) {
   int smem_attribute = smem_bytes;
-  if constexpr (classifies_tiles(kExtras)) {
-    // One tile-state byte per key block; the attribute is raised to the device maximum once
-    // since the size varies with seqlen_k.
+  if (tile_states) {
     std::string message;
     smem_attribute = max_dynamic_smem_per_block(&message);
     if (!message.empty()) return "flash_jax forward: " + message;
@@ -125,13 +126,24 @@ std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stre
   }
   cudaError_t error = raise_smem_limit(kernel, smem_attribute, smem_limit_raised, kMaxDevices);
   if (error != cudaSuccess) return cuda_error_message("raising the shared-memory limit", error);
-  const int num_splits = kSplit ? params.num_splits : 1;
-  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads,
-                  params.batch * num_splits);
-  kernel<<<grid, Traits::kNThreads, smem_bytes, stream>>>(params);
+  kernel<<<grid, threads, smem_bytes, stream>>>(params);
   error = cudaGetLastError();
   if (error != cudaSuccess) return cuda_error_message("kernel launch", error);
   return "";
+}
+
+template <typename Traits, bool kSplit, bool kSoftcap, ExtrasLevel kExtras = ExtrasLevel::kNone>
+std::string launch_fwd_kernel_variant(const FwdParams& params, cudaStream_t stream) {
+  static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
+  const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int smem_bytes = Traits::kSmemBytes + tile_state_smem_bytes<kExtras>(key_blocks) +
+                         (kExtras == ExtrasLevel::kDropout ? kDropoutDrawsSmemBytes : 0);
+  const int num_splits = kSplit ? params.num_splits : 1;
+  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads,
+                  params.batch * num_splits);
+  return launch_fwd_grid(fwd_kernel<Traits, kSplit, kSoftcap, kExtras>, smem_limit_raised, grid,
+                         Traits::kNThreads, smem_bytes, classifies_tiles(kExtras), key_blocks,
+                         params, stream);
 }
 
 template <typename Traits, bool kSplit>

@@ -35,33 +35,14 @@ namespace sm90 {
 
 template <typename Traits, ExtrasLevel kExtras>
 std::string launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> smem_limit_raised[kMaxDevices] = {};
-  auto kernel = fwd_kernel<Traits, kExtras>;
+  static std::atomic<bool> smem_limit_raised[sm80::kMaxDevices] = {};
   const int key_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-  const int smem_bytes = Traits::kSmemBytes + tile_state_smem_bytes<kExtras>(key_blocks);
-  int smem_attribute = smem_bytes;
-  if constexpr (classifies_tiles(kExtras)) {
-    // The tile states' size varies with seqlen_k: the attribute goes to the device maximum once.
-    std::string message;
-    smem_attribute = max_dynamic_smem_per_block(&message);
-    if (!message.empty()) return "flash_jax forward: " + message;
-    if (smem_bytes > smem_attribute) {
-      return "flash_jax forward: " + std::to_string(key_blocks) +
-             " key blocks need more shared memory for their tile states than the device has";
-    }
-  }
-  cudaError_t status =
-      sm80::raise_smem_limit(kernel, smem_attribute, smem_limit_raised, kMaxDevices);
-  if (status != cudaSuccess) {
-    return sm80::cuda_error_message("raising the shared-memory limit", status);
-  }
   const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads,
                   params.batch);
-  kernel<<<grid, Traits::kNThreads, smem_bytes, stream>>>(params);
-  status = cudaGetLastError();
-  if (status != cudaSuccess) return sm80::cuda_error_message("sm90 kernel launch", status);
-  return "";
+  return sm80::launch_fwd_grid(fwd_kernel<Traits, kExtras>, smem_limit_raised, grid,
+                               Traits::kNThreads,
+                               Traits::kSmemBytes + tile_state_smem_bytes<kExtras>(key_blocks),
+                               classifies_tiles(kExtras), key_blocks, params, stream);
 }
 
 }  // namespace sm90
