@@ -162,6 +162,45 @@ def test_visibility_at_head_dims_64_128_gpu(option, head_dim):
   _check(gpu_devices()[0], "bfloat16", seqs, _long_row_options(option, *seqs), head_dim=head_dim)
 
 
+def _band_cut_options(name, seq_q, seq_k):
+  """Documents and mask regions longer than a tile, cut by a causal diagonal, a window or
+  lengths: the tiles whose ids (or mask cells) keep every entry but the index band does not."""
+  ids = dict(q_segment_ids=_segment_ids(BATCH, seq_q, (0.0, 0.45)),
+             kv_segment_ids=_segment_ids(BATCH, seq_k, (0.0, 0.45)))
+  if name == "segment_ids_causal":
+    return dict(causal=True, **ids)
+  if name == "segment_ids_window_lengths":
+    return dict(window=(150, 60), q_lengths=jnp.array([seq_q - 37, seq_q], jnp.int32),
+                kv_lengths=jnp.array([seq_k, seq_k - 201], jnp.int32), **ids)
+  # Regions of 256 x 256 entries kept, empty, or kept at random (the random ones test entries).
+  rows, cols = np.arange(seq_q)[:, None], np.arange(seq_k)[None, :]
+  region = (rows // 256 + cols // 256) % 3
+  keep = (region == 0) | ((region == 1) & np.asarray(_keep(14, (seq_q, seq_k), 0.6)))
+  return dict(causal=True, mask=jnp.asarray(keep), kv_lengths=jnp.array([seq_k - 77, seq_k], jnp.int32))
+
+
+BAND_CUT_OPTIONS = ("segment_ids_causal", "segment_ids_window_lengths", "mask_causal_lengths")
+
+
+@pytest.mark.parametrize("option", [gpu_param(name) for name in BAND_CUT_OPTIONS])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_band_cut_tiles_of_uniform_visibility_gpu(option, head_dim):
+  """Tiles that segment ids and the mask keep whole are masked by the index band alone
+  (TileState kTileBand): forward and both backward kernels of the sm80 extras variant (d16) and
+  of the Hopper visibility variant (d64/d128 on an H100/H200). Keys a multiple of 16: the mask
+  summary's 16-byte loads."""
+  seqs = (700, 1104)
+  _check(gpu_devices()[0], "bfloat16", seqs, _band_cut_options(option, *seqs), head_dim=head_dim)
+
+
+@pytest.mark.parametrize("option", [gpu_param(name) for name in BAND_CUT_OPTIONS])
+def test_band_cut_tiles_sm80_kernels_gpu(option, monkeypatch):
+  """The same with the sm80 extras kernels at d128 (FLASH_JAX_DISABLE_SM90 on Hopper)."""
+  monkeypatch.setenv("FLASH_JAX_DISABLE_SM90", "1")
+  seqs = (1100, 704)
+  _check(gpu_devices()[0], "bfloat16", seqs, _band_cut_options(option, *seqs), head_dim=128)
+
+
 BIAS_SHAPES = [(BATCH, HEADS, *SEQS), (1, HEADS, 1, SEQS[1]), SEQS, (BATCH, 1, SEQS[0], 1)]
 
 

@@ -21,6 +21,7 @@ SHAPES = [  # batch, seq_q, seq_k, heads, kv_heads, head_dim, causal
     (1, 1, 700, 4, 1, 128, False),
     (2, 9, 130, 2, 1, 256, True),
     (1, 200, 300, 2, 1, 128, True),  # several 128-key blocks of the Hopper kernels, ragged ends
+    (1, 40, 160, 2, 1, 64, False),  # keys a multiple of 16: the mask summary's 16-byte loads
 ]
 
 

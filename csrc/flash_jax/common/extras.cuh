@@ -106,7 +106,11 @@ struct DropoutDraws {
   }
 };
 
-enum TileState : uint8_t { kTileSkip = 0, kTilePartial = 1, kTileFull = 2 };
+// kTileBand: segment ids, positions and the mask keep every entry of the tile and only the index
+// band (causal diagonal, window edge, lengths) cuts it, so KeyRangeMask alone masks it. Without
+// this state the diagonal tile of every CTA of one causal document tested each entry's ids, one
+// dependent pair of global loads after another (benchmarks/NOTES.md, session 8).
+enum TileState : uint8_t { kTileSkip = 0, kTilePartial = 1, kTileFull = 2, kTileBand = 3 };
 
 struct Extras {
   int seqlen_q, seqlen_k;  // full extents: entries outside are never read
@@ -405,7 +409,7 @@ __device__ __forceinline__ int visible_block_at_or_above(const uint8_t* states, 
   return block;
 }
 
-// States (kTileSkip / kTilePartial / kTileFull) of the tiles of one CTA, written to shared memory
+// States (kTileSkip / kTilePartial / kTileBand / kTileFull) of the tiles of one CTA, written to shared memory
 // before its main loop so that the loop skips empty tiles without waiting on global loads and
 // tests no element of full ones. The CTA's own block (rows when kWalkKeys, else keys)
 // [fixed_begin, fixed_end) (clipped to the valid extent, non-empty) is crossed with the walked
@@ -498,21 +502,28 @@ __device__ void fill_tile_states_with(const Extras& x, const KeyRangeMask& band,
         const int2 kv_pos = kWalkKeys ? s[u].pos : fixed_pos_range;
         bool any = walk_count > 0 && mask_any && col_end > col_begin && row_end > row_begin &&
                    band.key_first(row_begin) <= col_end - 1 && band.key_last(row_end - 1) >= col_begin;
-        // Full: no element test and, for the walked side, no entry past the valid extent.
-        bool full = walk_count == kWalkBlock && mask_all &&
-                    band.tile_fully_allowed(row_begin, row_end, kWalkKeys ? walk_begin : fixed_begin,
-                                            kWalkKeys ? walk_begin + kWalkBlock
-                                                      : fixed_begin + fixed_block);
+        // Band-full: the index band cuts nothing and, for the walked side, no entry lies past
+        // the valid extent (full tiles are loaded and scored without any test).
+        const bool band_full =
+            walk_count == kWalkBlock &&
+            band.tile_fully_allowed(row_begin, row_end, kWalkKeys ? walk_begin : fixed_begin,
+                                    kWalkKeys ? walk_begin + kWalkBlock : fixed_begin + fixed_block);
+        bool extras_keep_all = mask_all;
         if (x.q_ids != nullptr) {
           // Exact for sorted (packed) ids; for any other order it only skips less.
           any = any && q_ids.x <= kv_ids.y && kv_ids.x <= q_ids.y;
-          full = full && q_ids.x == q_ids.y && kv_ids.x == kv_ids.y && q_ids.x == kv_ids.x;
+          extras_keep_all = extras_keep_all && q_ids.x == q_ids.y && kv_ids.x == kv_ids.y &&
+                            q_ids.x == kv_ids.x;
         }
         if (x.q_pos != nullptr) {
           any = any && kv_pos.y - q_pos.x >= -x.pos_left && kv_pos.x - q_pos.y <= x.pos_right;
-          full = full && kv_pos.x - q_pos.y >= -x.pos_left && kv_pos.y - q_pos.x <= x.pos_right;
+          extras_keep_all = extras_keep_all && kv_pos.x - q_pos.y >= -x.pos_left &&
+                            kv_pos.y - q_pos.x <= x.pos_right;
         }
-        states[block - block_begin] = !any ? kTileSkip : (full ? kTileFull : kTilePartial);
+        states[block - block_begin] = !any              ? kTileSkip
+                                      : !extras_keep_all ? kTilePartial
+                                      : band_full        ? kTileFull
+                                                         : kTileBand;
         if (any) {
           first_visible = min(first_visible, block);
           last_visible = max(last_visible, block);

@@ -311,7 +311,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
       if constexpr (kMasked) {
         mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
         if constexpr (kTileStates) {
-          if (extras.has_visibility()) extras.apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
+          if (tile_states[n - states_begin] == kTilePartial) {
+            extras.apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
+          }
         }
       }
       if constexpr (kScoreExtras) {

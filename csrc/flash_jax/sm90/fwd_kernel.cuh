@@ -217,7 +217,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) fwd_kernel(const __grid_
     auto scores_to_probabilities = [&](int n, auto apply_mask) __attribute__((always_inline)) {
       if constexpr (decltype(apply_mask)::value) {
         mask.apply(acc_s, s_coords, row_begin, n * kBlockN);
-        if constexpr (kTileStates) extras->apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
+        if constexpr (kTileStates) {
+          if (tile_states[n - states_begin] == kTilePartial) {
+            extras->apply_visibility(acc_s, s_coords, row_begin, n * kBlockN);
+          }
+        }
       }
       softmax.update_scores(acc_s_rowcol, scales.scale_log2, correction);
     };
